@@ -1,0 +1,406 @@
+"""A task: one call of a user function, with the files it reads and writes.
+
+Products and dependencies come from the function's annotations
+(`Annotated[Path, Product]`, `Annotated[Path, Dependency]`, lists of paths) and from the explicit
+`produces=` / `depends_on=` arguments. Parsing an annotation is done once per function, not once
+per task, so that building pipelines of 100,000 tasks stays fast.
+"""
+from __future__ import annotations
+
+import inspect
+import pickle
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Callable, Dict, Iterable, List, Optional, Union, get_args, get_origin
+
+from .BuildMode import BuildMode
+from .TaskStatus import TaskStatus, TERMINAL_STATES, SUCCESSFUL_TERMINAL_STATES, FAILED_TERMINAL_STATES
+from .exceptions import (DependencyNotMetException, ProductNotProducedException, ProductNotUpdatedException,
+                         TaskRaisedExceptionException, UnknownStatusException)
+
+
+class Product:
+    """Marker: `Annotated[Path, Product]` is a file the task writes."""
+
+
+class Dependency:
+    """Marker: `Annotated[Path, Dependency]` is a file the task reads."""
+
+
+class IgnoredForEq:
+    """Marker: the argument does not make two calls different (e.g. a verbosity flag)."""
+
+
+_status_colors: Dict[TaskStatus, str] = {
+    TaskStatus.WAITING: 'blue',
+    TaskStatus.DEPFAILED: 'red',
+    TaskStatus.PENDING: 'blue',
+    TaskStatus.RUNNING: 'yellow',
+    TaskStatus.FINISHED: 'green',
+    TaskStatus.SKIPPED: 'green',
+    TaskStatus.HOLD: 'white',
+    TaskStatus.FAILED: 'red',
+    TaskStatus.CANCELED: 'white',
+    TaskStatus.UNKNOWN: 'white',
+}
+
+_status_texts: Dict[TaskStatus, str] = {
+    TaskStatus.WAITING: 'waiting',
+    TaskStatus.PENDING: 'pending',
+    TaskStatus.RUNNING: 'running',
+    TaskStatus.FINISHED: 'finished',
+    TaskStatus.SKIPPED: 'skipped',
+    TaskStatus.FAILED: 'failed',
+    TaskStatus.DEPFAILED: 'dep. failed',
+    TaskStatus.CANCELED: 'cancelled',
+    TaskStatus.HOLD: 'hold',
+    TaskStatus.UNKNOWN: 'unknown',
+}
+
+
+# ---------------------------------------------------------------- helpers of the 0.1.x API
+
+def _positional_names(fn: Callable) -> List[str]:
+    code = getattr(fn, '__code__', None)
+    if code is not None and not isinstance(fn, type):
+        return list(code.co_varnames[:code.co_argcount])
+    try:
+        return [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return []
+
+
+def _get_args_dict(fn: Callable, args: Iterable, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Name the positional arguments of a call and merge the keywords (defaults not included)."""
+    return {**dict(zip(_positional_names(fn), args)), **kwargs}
+
+
+def _annotations_of(func: Callable) -> Dict[str, Any]:
+    target = func
+    if isinstance(func, type):
+        target = func.__init__
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except Exception:  # unresolved string annotations: fall back to what is there
+        return dict(getattr(target, '__annotations__', None) or {})
+
+
+def _marked(annotation: Any, marker: type) -> bool:
+    if get_origin(annotation) is Annotated:
+        return any(meta is marker for meta in get_args(annotation)[1:])
+    # Optional[Annotated[...]] and similar unions
+    if get_origin(annotation) is Union:
+        return any(_marked(a, marker) for a in get_args(annotation))
+    return False
+
+
+def _parse_annotation_for_metaclass(func: Callable, *rest: Any) -> List[str]:
+    """Names of the arguments (and 'return') annotated with the marker class.
+
+    Called as `(func, marker)` or, as in later upstream versions, `(func, args_dict, marker)`."""
+    marker = rest[-1]
+    return [name for name, annotation in _annotations_of(func).items() if _marked(annotation, marker)]
+
+
+def _get_not_updated_products(product_timestamps_after_running: Dict,
+                              product_timestamps_before_running: Dict) -> List[str]:
+    """Products whose timestamp did not change, in the order of `before`."""
+    return [product for product, before in product_timestamps_before_running.items()
+            if product_timestamps_after_running.get(product) == before]
+
+
+# ---------------------------------------------------------------- per-function plan (cached)
+
+class _FunctionPlan:
+    """What depio needs to know about a function, computed once per function."""
+
+    __slots__ = ('func', 'positional', 'products', 'dependencies', 'ignored', 'defaults')
+
+    def __init__(self, func: Callable):
+        self.func = func
+        self.positional = _positional_names(func)
+        self.products = tuple(n for n in _parse_annotation_for_metaclass(func, Product) if n != 'return')
+        self.dependencies = tuple(n for n in _parse_annotation_for_metaclass(func, Dependency) if n != 'return')
+        self.ignored = frozenset(_parse_annotation_for_metaclass(func, IgnoredForEq))
+        # defaults of annotated file arguments count: f() with a default product still produces it
+        self.defaults: Dict[str, Any] = {}
+        try:
+            for p in inspect.signature(func).parameters.values():
+                if p.default is not p.empty and (p.name in self.products or p.name in self.dependencies):
+                    self.defaults[p.name] = p.default
+        except (TypeError, ValueError):
+            pass
+
+
+_plans: Dict[int, _FunctionPlan] = {}
+
+
+def _plan_for(func: Callable) -> _FunctionPlan:
+    plan = _plans.get(id(func))
+    if plan is None or plan.func is not func:
+        plan = _FunctionPlan(func)
+        _plans[id(func)] = plan
+    return plan
+
+
+def _as_paths(value: Any) -> List[Path]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [Path(v) for v in value if v is not None]
+    return [Path(value)]
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for an argument value, equal exactly when the values are equal."""
+    if isinstance(value, (str, int, float, bool, bytes, Path)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    if isinstance(value, dict):
+        return ('dict', frozenset((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return ('set', frozenset(_freeze(v) for v in value))
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        try:
+            return ('pickled', type(value).__qualname__, pickle.dumps(value, protocol=4))
+        except Exception:
+            return ('object', id(value))
+
+
+class Task:
+    """One call of `func(*func_args, **func_kwargs)` with its products and dependencies."""
+
+    def __init__(self, name: str, func: Callable, func_args: Optional[List] = None,
+                 func_kwargs: Optional[Dict] = None,
+                 produces: Optional[List[Path]] = None,
+                 depends_on: Optional[List[Union[Path, 'Task']]] = None,
+                 buildmode: BuildMode = BuildMode.IF_MISSING,
+                 slurm_parameters: Optional[Dict] = None,
+                 arg_resolver: Optional[Callable] = None,
+                 description: Optional[str] = None,
+                 retries: int = 0,
+                 timeout: Optional[float] = None):
+        self.name = name
+        self.func = func
+        self.func_args: List = list(func_args or [])
+        self.func_kwargs: Dict = dict(func_kwargs or {})
+        self.buildmode = buildmode
+        self.slurm_parameters: Dict = dict(slurm_parameters or {})
+        self.description = description or ""
+        self.retries = int(retries)
+        self.timeout = None if timeout is None else float(timeout)
+        if self.retries < 0:
+            raise ValueError(f"Task {name}: retries must be >= 0, got {retries}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"Task {name}: timeout must be > 0 seconds, got {timeout}")
+
+        if arg_resolver is not None:
+            self.func_args, self.func_kwargs = arg_resolver(self.func, self.func_args, self.func_kwargs)
+            self.func_args, self.func_kwargs = list(self.func_args), dict(self.func_kwargs)
+
+        plan = _plan_for(func)
+        args_dict = {**plan.defaults, **dict(zip(plan.positional, self.func_args)), **self.func_kwargs}
+        self._args_dict = args_dict
+        self.cleaned_args: Dict[str, Any] = (
+            {k: v for k, v in args_dict.items() if k not in plan.ignored} if plan.ignored else args_dict)
+
+        self.products: List[Path] = [p for n in plan.products for p in _as_paths(args_dict.get(n))]
+        self.products += _as_paths(produces)
+        self.dependencies: List[Union[Path, Task]] = [p for n in plan.dependencies for p in _as_paths(args_dict.get(n))]
+        for d in depends_on or []:
+            self.dependencies.append(d if isinstance(d, Task) else Path(d))
+        # names of the arguments each path came from, for error messages
+        self._product_args: Dict[Path, str] = {p: n for n in plan.products for p in _as_paths(args_dict.get(n))}
+        self._dependency_args: Dict[Path, str] = {p: n for n in plan.dependencies
+                                                  for p in _as_paths(args_dict.get(n))}
+
+        # filled by Pipeline._solve_order
+        self.task_dependencies: Optional[List[Task]] = None
+        self.path_dependencies: Optional[List[Path]] = None
+        self.dependent_tasks: List[Task] = []
+
+        # run state, written by the scheduler
+        self._queue_id: Optional[int] = None
+        self._status: TaskStatus = TaskStatus.WAITING
+        self._slurmid: str = ""
+        self._slurmstate: str = ""
+        self._stdout: str = ""
+        self._stderr: str = ""
+        self.start_time: Optional[float] = None
+        self.end_time: Optional[float] = None
+        self.reason: str = ""          # why the task ran, was skipped, or failed
+        self.error: Optional[Dict[str, str]] = None   # type, message, traceback of a failure
+        self._result: Any = None       # the function's return value, when it could be sent back
+        self._result_blob: Optional[bytes] = None
+        self.attempts: int = 0
+        self.worker: str = ""
+
+        self._eq_key = None
+
+    # ------------------------------------------------------------ identity
+    def _key(self):
+        if self._eq_key is None:
+            self._eq_key = (self.func, frozenset((k, _freeze(v)) for k, v in self.cleaned_args.items()))
+        return self._eq_key
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Task):
+            return NotImplemented
+        if self is other:
+            return True
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __str__(self) -> str:
+        return f"Task:{self.name}"
+
+    def __repr__(self) -> str:
+        return f"<Task {self._queue_id} {self.name} {self._status.name}>"
+
+    @property
+    def label(self) -> str:
+        """`name (#id)`: how errors refer to the task."""
+        return f"{self.name} (#{self._queue_id})" if self._queue_id else self.name
+
+    # ------------------------------------------------------------ build mode
+    def missing_products(self) -> List[Path]:
+        return [p for p in self.products if not p.exists()]
+
+    def should_run(self) -> bool:
+        """Whether the build mode asks for a run, judged from the files as they are now."""
+        return self.run_reason() is not None
+
+    def run_reason(self, upstream_ran: Optional[bool] = None) -> Optional[str]:
+        """Why the task must run (None: it is skipped).
+
+        `upstream_ran` is known to the scheduler during a run; before a run it is estimated
+        from the upstream tasks' own build modes."""
+        mode = self.buildmode
+        if mode == BuildMode.NEVER:
+            return None
+        if mode == BuildMode.ALWAYS:
+            return "build mode ALWAYS"
+        missing = self.missing_products()
+        if missing:
+            return f"product missing: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        if mode == BuildMode.IF_MISSING:
+            return None if self.products else "declares no products"
+        if mode == BuildMode.IF_NEW:
+            if upstream_ran is None:
+                upstream_ran = bool(self.task_dependencies) and any(t.should_run() for t in self.task_dependencies)
+            return "an upstream task ran" if upstream_ran else None
+        raise ValueError(f"Task {self.label}: unknown build mode {mode!r}")
+
+    # ------------------------------------------------------------ running in this process
+    def run(self) -> None:
+        """Run the task here, now (upstream's in-process run); raises like upstream on failure."""
+        from .execution import execute_inline
+        self.start_time = time.time()
+        self._status = TaskStatus.RUNNING
+        outcome = execute_inline(self.func, self.func_args, self.func_kwargs, self.label,
+                                 [str(p) for p in self.products],
+                                 [str(p) for p in (self.path_dependencies if self.path_dependencies is not None
+                                                   else [d for d in self.dependencies if isinstance(d, Path)])],
+                                 echo=False)
+        self._apply_outcome(outcome)
+        if outcome.error is not None:
+            raise outcome.exception()
+
+    def _apply_outcome(self, outcome) -> None:
+        self.start_time = outcome.started
+        self.end_time = outcome.ended
+        self._stdout = outcome.stdout
+        self._stderr = outcome.stderr
+        self._result = outcome.value
+        if outcome.error is None:
+            self._status = TaskStatus.FINISHED
+            self.error = None
+        else:
+            self._status = TaskStatus.FAILED
+            self.error = outcome.error
+            self.reason = outcome.error.get('summary', '')
+
+    @property
+    def result(self) -> Any:
+        """The function's return value from the last run (None if it could not be sent back)."""
+        if self._result_blob is not None:
+            self._result, self._result_blob = pickle.loads(self._result_blob), None
+        return self._result
+
+    def barerun(self) -> Any:
+        return self.func(*self.func_args, **self.func_kwargs)
+
+    # ------------------------------------------------------------ output and timing
+    def get_stdout(self) -> str:
+        return self._stdout
+
+    def get_stderr(self) -> str:
+        return self._stderr
+
+    def get_duration(self) -> int:
+        if self.start_time is None:
+            return 0
+        end = self.end_time if self.end_time is not None else time.time()
+        return int(end - self.start_time)
+
+    # ------------------------------------------------------------ status
+    def statuscolor(self, s: Optional[TaskStatus] = None) -> str:
+        s = self._status if s is None else s
+        try:
+            return _status_colors[s]
+        except (KeyError, TypeError):
+            raise UnknownStatusException(f"Status {s} is unknown.") from None
+
+    def statustext(self, s: Optional[TaskStatus] = None) -> str:
+        s = self._status if s is None else s
+        try:
+            return _status_texts[s]
+        except (KeyError, TypeError):
+            raise UnknownStatusException(f"Status {s} is unknown.") from None
+
+    @property
+    def status(self):
+        s = self._status
+        return s, self.statustext(s), self.statuscolor(s), self._slurmstate
+
+    @property
+    def is_in_terminal_state(self) -> bool:
+        return self._status in TERMINAL_STATES
+
+    @property
+    def is_in_successful_terminal_state(self) -> bool:
+        return self._status in SUCCESSFUL_TERMINAL_STATES
+
+    @property
+    def is_in_failed_terminal_state(self) -> bool:
+        return self._status in FAILED_TERMINAL_STATES
+
+    @property
+    def id(self) -> str:
+        return f"{self._queue_id: 4d}" if self._queue_id else "None"
+
+    @property
+    def slurmid(self) -> str:
+        return self._slurmid
+
+    @property
+    def slurmjob_status(self) -> str:
+        return self._slurmstate
+
+    def add_dependent_task(self, task: 'Task') -> None:
+        self.dependent_tasks.append(task)
+
+
+__all__ = ['Task', 'Product', 'Dependency', 'IgnoredForEq', 'UnknownStatusException',
+           'DependencyNotMetException', 'ProductNotProducedException', 'ProductNotUpdatedException',
+           'TaskRaisedExceptionException', '_get_args_dict', '_parse_annotation_for_metaclass',
+           '_get_not_updated_products', '_status_colors', '_status_texts']

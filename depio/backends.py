@@ -1,0 +1,219 @@
+"""Backends: where the scheduler's ready tasks go, and how their results come back.
+
+Every backend takes `submit(specs, functions)` and `cancel(keys, reason)` from the scheduler actor
+and tells the actor `ClientReport`s. `wait(done, timeout)` is what the pipeline's main thread does
+while the run goes on (the in-process backend runs tasks there, so that debuggers work).
+
+- `DispatcherBackend`: ZeroMQ, a dispatcher (in-process or a pool) and workers.
+- `InlineBackend`: one task at a time in the main thread (SequentialExecutor).
+- `FuturesBackend`: a user's `concurrent.futures.Executor` (upstream's `internal_executor`).
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+import pickle
+import queue
+import threading
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence
+
+import cloudpickle
+
+from . import protocol as P
+from .scheduler import BackendFailed
+
+log = logging.getLogger("depio.backends")
+
+
+class Backend(ABC):
+    """What the scheduler and the pipeline expect of a backend."""
+
+    def bind(self, scheduler, graph) -> None:
+        self.scheduler = scheduler
+        self.graph = graph
+
+    @abstractmethod
+    def submit(self, specs: Sequence[P.TaskSpec], functions: Dict[bytes, bytes]) -> None:
+        """Run these attempts; `functions` holds the function blobs not sent before."""
+
+    @abstractmethod
+    def cancel(self, keys: Optional[Sequence[int]], reason: str) -> None:
+        """Drop queued and kill running attempts of these tasks (None: all)."""
+
+    def wait(self, done: threading.Event, timeout: float) -> bool:
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+# ---------------------------------------------------------------- ZeroMQ: dispatcher + workers
+
+class DispatcherBackend(Backend):
+    """Starts an in-process dispatcher and local workers on first use, or joins a pool's dispatcher."""
+
+    def __init__(self, launcher=None, address: Optional[str] = None, key: Optional[bytes] = None,
+                 bind: str = "tcp://127.0.0.1:*", heartbeat: float = 1.0, liveness: int = 3, name: str = "pipeline"):
+        self.launcher = launcher
+        self.pool_address = address
+        self.key = key or P.new_key()
+        self.bind_address = bind
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.name = name
+        self.dispatcher = None
+        self.client = None
+        self._started = False
+        self._lock = threading.Lock()
+
+    def _start(self) -> None:
+        from .client import DispatcherClient
+        from .dispatcher import Dispatcher
+        if self.pool_address is None:
+            self.dispatcher = Dispatcher(self.key, self.bind_address, heartbeat=self.heartbeat,
+                                         liveness=self.liveness).start()
+            address = self.dispatcher.client_address
+        else:
+            address = self.pool_address
+        self.client = DispatcherClient(address, self.key, self.name, self.scheduler.tell, self._lost,
+                                       heartbeat=self.heartbeat, liveness=self.liveness).start()
+        if self.launcher is not None:
+            self.launcher.on_all_gone = self._lost
+            self.launcher.start(self.dispatcher.worker_address if self.dispatcher else address, self.key)
+        self._started = True
+
+    def _lost(self, reason: str) -> None:
+        self.scheduler.tell(BackendFailed(reason))
+
+    def submit(self, specs, functions) -> None:
+        if not self._started:
+            self._start()
+        self.client.send(P.Submit(tuple(specs), dict(functions)))
+
+    def cancel(self, keys, reason) -> None:
+        if self.client is not None:
+            self.client.send(P.CancelTasks(None if keys is None else tuple(keys), reason))
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.dispatcher is not None:
+            self.dispatcher.stop("pipeline finished")
+        if self.launcher is not None:
+            self.launcher.stop()
+
+    @property
+    def worker_address(self) -> str:
+        return self.dispatcher.worker_address if self.dispatcher else (self.pool_address or "")
+
+
+# ---------------------------------------------------------------- in this process, one at a time
+
+class InlineBackend(Backend):
+    """Runs each task in the pipeline's main thread, output echoed to the terminal."""
+
+    def __init__(self, echo: bool = True):
+        self.echo = echo
+        self.queue: "queue.Queue" = queue.Queue()
+        self.cancelled: Optional[str] = None
+        self.functions: Dict[bytes, object] = {}
+
+    def submit(self, specs, functions) -> None:
+        for spec in specs:
+            self.queue.put(spec)
+
+    def cancel(self, keys, reason) -> None:
+        self.cancelled = reason
+        self.queue.put(None)   # wake the main thread
+
+    def wait(self, done: threading.Event, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not done.is_set():
+            try:
+                spec = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if spec is None or self.cancelled:
+                continue
+            self._run(spec)
+        return done.is_set()
+
+    def _run(self, spec: P.TaskSpec) -> None:
+        from .execution import execute_inline
+        task = self.graph.tasks[spec.key]
+        self.scheduler.tell(P.ClientReport(started=((spec.key, spec.attempt, time.time(), "main thread"),)))
+        outcome = execute_inline(task.func, task.func_args, task.func_kwargs, spec.name, spec.products,
+                                 spec.dependencies, echo=self.echo, key=spec.key, attempt=spec.attempt)
+        task._result = outcome.value
+        self.scheduler.tell(P.ClientReport(done=(outcome.result,)))
+
+
+# ---------------------------------------------------------------- a user's concurrent.futures executor
+
+def _run_in_process(spec: P.TaskSpec, function_blob: bytes) -> P.TaskResult:
+    """Module level so a ProcessPoolExecutor can pickle it; runs a spec with fd-level capture."""
+    from worker.slots import _run
+    from .execution import FdCapture
+    global _capture
+    try:
+        _capture
+    except NameError:
+        _capture = FdCapture()
+    return _run(spec, {}, {spec.func_digest: function_blob}, _capture, "internal_executor")
+
+
+class FuturesBackend(Backend):
+    """Hands tasks to a `concurrent.futures.Executor` the user gave (threads or processes)."""
+
+    def __init__(self, executor: Executor):
+        self.executor = executor
+        self.threads = isinstance(executor, ThreadPoolExecutor)
+        self.futures: Dict[int, object] = {}
+        self.lock = threading.Lock()
+        self.functions: Dict[bytes, bytes] = {}
+
+    def submit(self, specs, functions) -> None:
+        self.functions.update(functions)
+        for spec in specs:
+            if self.threads:
+                fut = self.executor.submit(self._run_thread, spec)
+            else:
+                fut = self.executor.submit(_run_in_process, spec, self.functions[spec.func_digest])
+            with self.lock:
+                self.futures[spec.key] = fut
+            fut.add_done_callback(lambda f, spec=spec: self._done(spec, f))
+
+    def _run_thread(self, spec: P.TaskSpec) -> P.TaskResult:
+        from .execution import execute_inline
+        task = self.graph.tasks[spec.key]
+        self.scheduler.tell(P.ClientReport(started=((spec.key, spec.attempt, time.time(), "internal_executor"),)))
+        outcome = execute_inline(task.func, task.func_args, task.func_kwargs, spec.name, spec.products,
+                                 spec.dependencies, key=spec.key, attempt=spec.attempt)
+        task._result = outcome.value
+        return outcome.result
+
+    def _done(self, spec: P.TaskSpec, fut) -> None:
+        with self.lock:
+            self.futures.pop(spec.key, None)
+        if fut.cancelled():
+            return
+        err = fut.exception()
+        if err is not None:
+            msg = f"the executor could not run the task: {type(err).__name__}: {err}"
+            result = P.TaskResult(spec.key, spec.attempt, time.time(), time.time(), "", "",
+                                  {"kind": "WorkerCrash", "type": type(err).__name__, "message": msg,
+                                   "traceback": "", "summary": msg})
+        else:
+            result = fut.result()
+        self.scheduler.tell(P.ClientReport(done=(result,)))
+
+    def cancel(self, keys, reason) -> None:
+        with self.lock:
+            futures = list(self.futures.values())
+        for f in futures:
+            f.cancel()

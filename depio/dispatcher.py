@@ -1,0 +1,453 @@
+"""The dispatcher: hands ready tasks of its clients (pipelines) to workers over ZeroMQ.
+
+It runs in its own thread (inside a pipeline process, or as the `depio pool` service) and owns two
+ROUTER sockets: one that workers connect to and one for clients. It never unpickles a task's
+payload; it only routes `TaskSpec`s to workers that asked for work (credits) and results back to
+the client that sent the task. A fair round-robin over clients with queued work shares the slots.
+
+Liveness follows the ZeroMQ guide's Paranoid Pirate: both sides send a heartbeat when they have
+been silent for an interval; a peer silent for `liveness` intervals is gone. A lost worker's tasks
+go back to their client as `TaskLost` (the client's scheduler decides whether to retry).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, Dict, List, Optional, Set, Tuple
+
+import zmq
+
+from . import protocol as P
+from .protocol import TaskSpec
+
+log = logging.getLogger("depio.dispatcher")
+
+
+@dataclass
+class WorkerInfo:
+    identity: bytes
+    name: str
+    host: str
+    pid: int
+    slots: int
+    slurm_job_id: str = ""
+    credits: int = 0
+    busy: int = 0
+    since: float = field(default_factory=time.time)
+    last_heard: float = field(default_factory=time.monotonic)
+    last_sent: float = field(default_factory=time.monotonic)
+    jobs: Set[int] = field(default_factory=set)
+    functions: Set[bytes] = field(default_factory=set)
+    done: int = 0
+
+
+@dataclass
+class ClientInfo:
+    identity: bytes
+    client_id: int
+    name: str
+    host: str
+    pid: int
+    queue: Deque[TaskSpec] = field(default_factory=deque)
+    functions: Dict[bytes, bytes] = field(default_factory=dict)
+    jobs: Set[int] = field(default_factory=set)
+    since: float = field(default_factory=time.time)
+    last_heard: float = field(default_factory=time.monotonic)
+    last_sent: float = field(default_factory=time.monotonic)
+    done: int = 0
+
+
+@dataclass
+class Job:
+    """One attempt of a task in flight on a worker."""
+    client: ClientInfo
+    worker: WorkerInfo
+    spec: TaskSpec
+    started: bool = False
+
+
+class WorkerRegistry:
+    """Workers by identity, and which of them may take work now."""
+
+    def __init__(self) -> None:
+        self.by_identity: Dict[bytes, WorkerInfo] = {}
+
+    def add(self, w: WorkerInfo) -> None:
+        self.by_identity[w.identity] = w
+
+    def remove(self, identity: bytes) -> Optional[WorkerInfo]:
+        return self.by_identity.pop(identity, None)
+
+    def get(self, identity: bytes) -> Optional[WorkerInfo]:
+        return self.by_identity.get(identity)
+
+    def with_credit(self) -> List[WorkerInfo]:
+        return [w for w in self.by_identity.values() if w.credits > 0]
+
+    def __len__(self) -> int:
+        return len(self.by_identity)
+
+    def __iter__(self):
+        return iter(list(self.by_identity.values()))
+
+    @property
+    def slots(self) -> int:
+        return sum(w.slots for w in self.by_identity.values())
+
+
+class Dispatcher:
+    """See the module docstring. `start()` binds and runs the loop in a thread; `stop()` ends it."""
+
+    def __init__(self, key: bytes, worker_address: str = "tcp://127.0.0.1:*",
+                 client_address: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
+                 context: Optional[zmq.Context] = None, name: str = "dispatcher"):
+        self.key = key
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.ctx = context or zmq.Context.instance()
+        self.name = name
+        self.workers = WorkerRegistry()
+        self.clients: Dict[bytes, ClientInfo] = {}
+        self.jobs: Dict[int, Job] = {}
+        self._next_jid = 1
+        self._next_client = 1
+        self._rr: Deque[bytes] = deque()     # clients in round-robin order
+        self.bad_messages: Dict[str, int] = {}
+        self._bad_peers: Set[Tuple[str, bytes]] = set()
+        self._worker_address_requested = worker_address
+        self.client_address = client_address or f"inproc://depio-clients-{uuid.uuid4().hex}"
+        self._control_address = f"inproc://depio-control-{uuid.uuid4().hex}"
+        self.worker_address = ""
+        self._thread: Optional[threading.Thread] = None
+        self._ready = threading.Event()
+        self._error: Optional[BaseException] = None
+        self.tasks_done = 0
+        self._reports: Dict[int, Tuple[ClientInfo, list, list, list]] = {}
+
+    # ------------------------------------------------------------ life cycle
+    def start(self) -> "Dispatcher":
+        self._wsock = self.ctx.socket(zmq.ROUTER)
+        self._csock = self.ctx.socket(zmq.ROUTER)
+        for s in (self._wsock, self._csock):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 0)
+            s.setsockopt(zmq.RCVHWM, 0)
+            s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        addr = self._worker_address_requested
+        if "[" in addr or "::" in addr:
+            self._wsock.setsockopt(zmq.IPV6, 1)
+        self._wsock.bind(addr)
+        self.worker_address = self._wsock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if self.client_address.startswith("tcp://") and ("[" in self.client_address or "::" in self.client_address):
+            self._csock.setsockopt(zmq.IPV6, 1)
+        self._csock.bind(self.client_address)
+        self.client_address = self._csock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._ctl_pull = self.ctx.socket(zmq.PAIR)
+        self._ctl_pull.bind(self._control_address)
+        self._ctl_push = self.ctx.socket(zmq.PAIR)
+        self._ctl_push.connect(self._control_address)
+        self._thread = threading.Thread(target=self._loop, name=f"depio-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, reason: str = "dispatcher stopping", timeout: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        try:
+            self._ctl_push.send_string(reason)
+        except zmq.ZMQError:
+            pass
+        self._thread.join(timeout)
+        self._ctl_push.close(linger=0)
+        self._thread = None
+
+    # ------------------------------------------------------------ sending
+    def _send_worker(self, w: WorkerInfo, msg: object) -> None:
+        try:
+            self._wsock.send_multipart([w.identity] + P.encode(msg, self.key), copy=False)
+            w.last_sent = time.monotonic()
+        except zmq.ZMQError as e:   # EHOSTUNREACH: the worker disconnected
+            log.debug("cannot send to worker %s: %s", w.name, e)
+
+    def _send_client(self, c: ClientInfo, msg: object) -> None:
+        try:
+            self._csock.send_multipart([c.identity] + P.encode(msg, self.key), copy=False)
+            c.last_sent = time.monotonic()
+        except zmq.ZMQError as e:
+            log.debug("cannot send to client %s: %s", c.name, e)
+
+    def _bad(self, sock: str, identity: bytes, err: P.ProtocolError) -> None:
+        self.bad_messages[err.kind] = self.bad_messages.get(err.kind, 0) + 1
+        if (sock, identity) not in self._bad_peers and len(self._bad_peers) < 10000:
+            self._bad_peers.add((sock, identity))
+            log.warning("dropped a bad message on the %s socket from peer %s: %s", sock, identity.hex()[:16], err)
+
+    # ------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wsock, zmq.POLLIN)
+        poller.register(self._csock, zmq.POLLIN)
+        poller.register(self._ctl_pull, zmq.POLLIN)
+        self._ready.set()
+        reason = "dispatcher stopping"
+        try:
+            while True:
+                events = dict(poller.poll(self.heartbeat * 1000 / 2))
+                if self._ctl_pull in events:
+                    reason = self._ctl_pull.recv_string()
+                    break
+                if self._wsock in events:
+                    self._drain(self._wsock, "worker", self._on_worker_message)
+                if self._csock in events:
+                    self._drain(self._csock, "client", self._on_client_message)
+                self._assign()
+                self._check_liveness()
+                self._flush_reports()
+        except Exception as e:   # a bug here must not hang the pipeline: tell the clients
+            log.exception("dispatcher failed")
+            self._error = e
+            reason = f"dispatcher failed: {e!r}"
+        finally:
+            for w in self.workers:
+                self._send_worker(w, P.Shutdown(reason))
+            self._wsock.close(linger=200)
+            self._csock.close(linger=200)
+            self._ctl_pull.close(linger=0)
+
+    def _drain(self, sock: zmq.Socket, kind: str, handler) -> None:
+        for _ in range(10000):    # bounded, so that one busy socket cannot starve the other
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                self._bad(kind, b"", P.ProtocolError("malformed", "no identity frame"))
+                continue
+            identity = frames[0]
+            try:
+                msg = P.decode(frames[1:], self.key)
+            except P.ProtocolError as e:
+                self._bad(kind, identity, e)
+                if e.kind == "version":
+                    try:
+                        sock.send_multipart([identity] + P.refusal(f"protocol mismatch: {e}"))
+                    except zmq.ZMQError:
+                        pass
+                continue
+            handler(identity, msg)
+
+    # ------------------------------------------------------------ workers
+    def _on_worker_message(self, identity: bytes, msg: object) -> None:
+        w = self.workers.get(identity)
+        if isinstance(msg, P.Register):
+            self._register(identity, msg)
+            return
+        if w is None:
+            if not isinstance(msg, P.Goodbye):
+                try:
+                    self._wsock.send_multipart([identity] + P.encode(
+                        P.Reregister("this dispatcher does not know the worker (restarted, or it was "
+                                     "declared lost)"), self.key))
+                except zmq.ZMQError:
+                    pass
+            return
+        w.last_heard = time.monotonic()
+        if isinstance(msg, P.WorkerReport):
+            self._on_report(w, msg)
+        elif isinstance(msg, P.RequestWork):
+            w.credits += msg.credits
+        elif isinstance(msg, P.Goodbye):
+            self._lose_worker(w, f"worker {w.name} (host {w.host}, pid {w.pid}) left: {msg.reason}")
+        # Heartbeat: last_heard is all it does
+
+    def _register(self, identity: bytes, msg: P.Register) -> None:
+        mine = P.runtime_signature()
+        if msg.runtime != mine:
+            diff = ", ".join(f"{k} {msg.runtime.get(k)} (dispatcher: {v})" for k, v in mine.items()
+                             if msg.runtime.get(k) != v)
+            reason = f"worker {msg.worker_id} refused: runtime differs: {diff}"
+            log.error(reason)
+            try:
+                self._wsock.send_multipart([identity] + P.encode(P.Refused(reason), self.key))
+            except zmq.ZMQError:
+                pass
+            return
+        if identity in self.workers.by_identity:
+            return
+        w = WorkerInfo(identity, msg.worker_id, msg.host, msg.pid, msg.slots, msg.slurm_job_id)
+        self.workers.add(w)
+        self._send_worker(w, P.Welcome(self.heartbeat, self.liveness))
+        log.info("worker %s registered (%d slots)", w.name, w.slots)
+        self._broadcast_workers(f"worker {w.name} joined")
+
+    def _on_report(self, w: WorkerInfo, msg: P.WorkerReport) -> None:
+        for jid, t in msg.started:
+            job = self.jobs.get(jid)
+            if job is not None and job.worker is w:
+                job.started = True
+                self._report(job.client)[1].append((job.spec.key, job.spec.attempt, t, w.name))
+        for jid, result in msg.done:
+            job = self.jobs.pop(jid, None)
+            w.jobs.discard(jid)
+            if job is None or job.worker is not w:
+                continue      # cancelled, or the worker was declared lost and the task re-sent
+            w.done += 1
+            self.tasks_done += 1
+            job.client.jobs.discard(jid)
+            job.client.done += 1
+            self._report(job.client)[2].append(result)
+
+    def _lose_worker(self, w: WorkerInfo, reason: str) -> None:
+        self.workers.remove(w.identity)
+        for jid in sorted(w.jobs):
+            job = self.jobs.pop(jid, None)
+            if job is None:
+                continue
+            job.client.jobs.discard(jid)
+            self._report(job.client)[3].append(P.TaskLost(job.spec.key, job.spec.attempt, reason))
+        w.jobs.clear()
+        log.warning(reason)
+        self._broadcast_workers(reason)
+
+    def _broadcast_workers(self, reason: str) -> None:
+        msg = P.WorkersChanged(len(self.workers), self.workers.slots, reason)
+        for c in list(self.clients.values()):
+            self._send_client(c, msg)
+
+    # ------------------------------------------------------------ clients
+    def _on_client_message(self, identity: bytes, msg: object) -> None:
+        c = self.clients.get(identity)
+        if isinstance(msg, P.ClientHello):
+            if c is None:
+                if msg.runtime != P.runtime_signature():
+                    reason = f"pipeline refused: runtime differs ({msg.runtime} vs {P.runtime_signature()})"
+                    self._csock.send_multipart([identity] + P.encode(P.Refused(reason), self.key))
+                    return
+                c = ClientInfo(identity, self._next_client, msg.name, msg.host, msg.pid)
+                self._next_client += 1
+                self.clients[identity] = c
+                log.info("client %s (pid %d) connected", c.name, c.pid)
+            self._send_client(c, P.ClientWelcome(c.client_id, self.heartbeat, self.liveness))
+            self._send_client(c, P.WorkersChanged(len(self.workers), self.workers.slots, "hello"))
+            return
+        if c is None:
+            try:
+                self._csock.send_multipart([identity] + P.encode(P.Refused("unknown client: say hello first"),
+                                                                 self.key))
+            except zmq.ZMQError:
+                pass
+            return
+        c.last_heard = time.monotonic()
+        if isinstance(msg, P.Submit):
+            c.functions.update(msg.functions)
+            if not c.queue:
+                self._rr.append(identity)
+            c.queue.extend(msg.tasks)
+        elif isinstance(msg, P.CancelTasks):
+            self._cancel(c, None if msg.keys is None else set(msg.keys), msg.reason)
+        elif isinstance(msg, P.ClientBye):
+            self._drop_client(c, f"client {c.name} left: {msg.reason}")
+
+    def _cancel(self, c: ClientInfo, keys: Optional[set], reason: str) -> None:
+        if keys is None:
+            c.queue.clear()
+        else:
+            c.queue = deque(s for s in c.queue if s.key not in keys)
+        per_worker: Dict[bytes, List[int]] = {}
+        for jid in list(c.jobs):
+            job = self.jobs[jid]
+            if keys is None or job.spec.key in keys:
+                del self.jobs[jid]
+                c.jobs.discard(jid)
+                job.worker.jobs.discard(jid)
+                per_worker.setdefault(job.worker.identity, []).append(jid)
+        for identity, jids in per_worker.items():
+            w = self.workers.get(identity)
+            if w is not None:
+                self._send_worker(w, P.CancelJobs(tuple(jids), reason))
+
+    def _drop_client(self, c: ClientInfo, reason: str) -> None:
+        self._cancel(c, None, reason)
+        self.clients.pop(c.identity, None)
+        log.info(reason)
+
+    def _report(self, c: ClientInfo):
+        entry = self._reports.get(c.client_id)
+        if entry is None:
+            entry = self._reports[c.client_id] = (c, [], [], [])
+        return entry
+
+    def _flush_reports(self) -> None:
+        for c, started, done, lost in self._reports.values():
+            if c.identity in self.clients:
+                self._send_client(c, P.ClientReport(tuple(started), tuple(done), tuple(lost)))
+        self._reports = {}
+
+    # ------------------------------------------------------------ assignment
+    def _assign(self) -> None:
+        if not self._rr:
+            return
+        for w in self.workers.with_credit():
+            batch: List[Tuple[int, TaskSpec]] = []
+            functions: Dict[bytes, bytes] = {}
+            while w.credits > 0 and self._rr:
+                identity = self._rr[0]
+                c = self.clients.get(identity)
+                if c is None or not c.queue:
+                    self._rr.popleft()
+                    continue
+                # one client's turn: a share of this worker's credits, then the next client
+                share = w.credits if len(self._rr) == 1 else max(1, w.credits // len(self._rr))
+                for _ in range(min(share, len(c.queue))):
+                    spec = c.queue.popleft()
+                    jid = self._next_jid
+                    self._next_jid += 1
+                    self.jobs[jid] = Job(c, w, spec)
+                    c.jobs.add(jid)
+                    w.jobs.add(jid)
+                    if spec.func_digest not in w.functions:
+                        functions[spec.func_digest] = c.functions[spec.func_digest]
+                        w.functions.add(spec.func_digest)
+                    batch.append((jid, spec))
+                    w.credits -= 1
+                self._rr.rotate(-1)
+                if not c.queue:
+                    self._rr.remove(identity)
+            if batch:
+                self._send_worker(w, P.RunTasks(tuple(batch), functions))
+            if not self._rr:
+                return
+
+    # ------------------------------------------------------------ liveness
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        limit = self.heartbeat * self.liveness
+        for w in self.workers:
+            if now - w.last_heard > limit:
+                self._lose_worker(w, f"worker {w.name} (host {w.host}, pid {w.pid}) lost: no heartbeat for "
+                                     f"{now - w.last_heard:.1f} s (at {time.strftime('%H:%M:%S')})")
+            elif now - w.last_sent >= self.heartbeat:
+                self._send_worker(w, P.Heartbeat())
+        for c in list(self.clients.values()):
+            if now - c.last_heard > limit:
+                self._drop_client(c, f"client {c.name} (pid {c.pid}) lost: no heartbeat for "
+                                     f"{now - c.last_heard:.1f} s")
+            elif now - c.last_sent >= self.heartbeat:
+                self._send_client(c, P.Heartbeat())
+
+    # ------------------------------------------------------------ status
+    def snapshot(self) -> Dict[str, object]:
+        """A point-in-time view for `depio pool status` (read without locks: approximate)."""
+        return {
+            "workers": [{"name": w.name, "host": w.host, "pid": w.pid, "slots": w.slots, "busy": len(w.jobs),
+                         "done": w.done, "since": w.since, "slurm_job_id": w.slurm_job_id}
+                        for w in self.workers],
+            "clients": [{"name": c.name, "host": c.host, "pid": c.pid, "queued": len(c.queue),
+                         "running": len(c.jobs), "done": c.done, "since": c.since}
+                        for c in list(self.clients.values())],
+            "bad_messages": dict(self.bad_messages),
+        }

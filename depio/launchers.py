@@ -1,0 +1,124 @@
+"""Launchers start workers that connect back to a dispatcher.
+
+`LocalLauncher` runs `depio-worker` as child processes of the pipeline (or pool). It keeps their
+PIDs, hands them the key through the environment (not the command line, which `ps` shows), and on
+`stop()` asks, then terminates, then kills: no worker outlives the process that started it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, List, Optional
+
+from . import protocol as P
+
+log = logging.getLogger("depio.launchers")
+
+
+def worker_command(address: str, slots: int, extra: Optional[List[str]] = None) -> List[str]:
+    return [sys.executable, "-m", "worker", "--connect", address, "--slots", str(slots)] + list(extra or [])
+
+
+def worker_environment(key: bytes) -> dict:
+    """The pipeline's environment, its import path (so workers can import the user's modules) and the key."""
+    env = dict(os.environ)
+    paths = [p for p in sys.path if p]
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if here not in paths:
+        paths.insert(0, here)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env[P.KEY_ENV] = key.hex()
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class LocalLauncher:
+    """Starts `workers` local worker processes with `slots` slots each."""
+
+    def __init__(self, workers: int, slots: int, heartbeat: float = 1.0, liveness: int = 3,
+                 max_restarts: Optional[int] = None, log_level: str = "WARNING"):
+        self.workers = max(1, int(workers))
+        self.slots = max(1, int(slots))
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.max_restarts = self.workers * 2 if max_restarts is None else max_restarts
+        self.log_level = log_level
+        self.procs: List[subprocess.Popen] = []
+        self.restarts = 0
+        self._stopping = False
+        self._lock = threading.Lock()
+        self.on_all_gone: Optional[Callable[[str], None]] = None
+
+    def start(self, address: str, key: bytes) -> None:
+        self.address, self.key = address, key
+        for _ in range(self.workers):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        cmd = worker_command(self.address, self.slots,
+                             ["--heartbeat", str(self.heartbeat), "--liveness", str(self.liveness),
+                              "--parent-pid", str(os.getpid()), "--log-level", self.log_level])
+        proc = subprocess.Popen(cmd, env=worker_environment(self.key), stdin=subprocess.DEVNULL,
+                                start_new_session=True)   # Ctrl-C in the terminal goes to the pipeline only
+        with self._lock:
+            self.procs.append(proc)
+        threading.Thread(target=self._watch, args=(proc,), name=f"depio-watch-{proc.pid}", daemon=True).start()
+
+    def _watch(self, proc: subprocess.Popen) -> None:
+        """Waits on one worker process (a blocking wait, not a poll); replaces it if it dies early."""
+        code = proc.wait()
+        if self._stopping:
+            return
+        with self._lock:
+            alive = [p for p in self.procs if p.poll() is None]
+            may_restart = self.restarts < self.max_restarts
+            if may_restart:
+                self.restarts += 1
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        if may_restart:
+            log.warning("local worker pid %d ended (%s); starting a replacement", proc.pid, how)
+            self._spawn()
+        elif not alive and self.on_all_gone is not None:
+            self.on_all_gone(f"all local workers ended (the last, pid {proc.pid}, with {how}) and the restart "
+                             f"budget ({self.max_restarts}) is spent")
+
+    @property
+    def pids(self) -> List[int]:
+        with self._lock:
+            return [p.pid for p in self.procs]
+
+    def alive(self) -> List[int]:
+        with self._lock:
+            return [p.pid for p in self.procs if p.poll() is None]
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Workers were told to shut down by the dispatcher; give them `grace` seconds, then
+        SIGTERM, then SIGKILL, each by PID."""
+        self._stopping = True
+        with self._lock:
+            procs = list(self.procs)
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+            left = [p for p in procs if p.poll() is None]
+            if not left:
+                return
+            for p in left:
+                try:
+                    os.kill(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            for p in left:
+                try:
+                    p.wait(wait)
+                except subprocess.TimeoutExpired:
+                    pass

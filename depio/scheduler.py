@@ -1,0 +1,288 @@
+"""The scheduler actor: owns every task's state for one pipeline run.
+
+It reacts to messages only (results, starts, losses, cancellation); there is no polling loop. Each
+state change is one named transition method, in the spirit of Dask's scheduler:
+
+    WAITING --release--> (SKIPPED | ready) --submit--> PENDING --start--> RUNNING
+    RUNNING --finish--> FINISHED | --fail--> FAILED (+ DEPFAILED downstream) | --retry--> PENDING
+    any non-terminal --cancel--> CANCELED
+
+Releasing dependents costs O(out-degree): each task counts its unfinished dependencies.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional
+
+import pykka
+
+from . import protocol as P
+from .graph import Graph
+from .TaskStatus import TaskStatus, TERMINAL_STATES
+
+log = logging.getLogger("depio.scheduler")
+
+WAITING, PENDING, RUNNING = TaskStatus.WAITING, TaskStatus.PENDING, TaskStatus.RUNNING
+FINISHED, SKIPPED, FAILED = TaskStatus.FINISHED, TaskStatus.SKIPPED, TaskStatus.FAILED
+DEPFAILED, CANCELED = TaskStatus.DEPFAILED, TaskStatus.CANCELED
+
+
+# messages the scheduler takes besides the protocol's ClientReport and WorkersChanged
+@dataclass(frozen=True)
+class Start:
+    pass
+
+
+@dataclass(frozen=True)
+class Cancel:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Pause:
+    paused: bool
+
+
+@dataclass(frozen=True)
+class BackendFailed:
+    """The backend can run nothing more (no workers left, the pool went away)."""
+    reason: str
+
+
+@dataclass
+class Limits:
+    max_in_flight: Optional[int] = None   # tasks handed to the backend and not yet ended
+    max_pending: Optional[int] = None     # of those, not yet started
+    lost_retries: int = 1                 # re-dispatches after a worker loss, per task
+
+
+class SchedulerActor(pykka.ThreadingActor):
+    """See the module docstring. `done` is set when every task is terminal."""
+
+    def __init__(self, graph: Graph, backend, done: threading.Event, limits: Optional[Limits] = None):
+        super().__init__()
+        self.g = graph
+        self.tasks = graph.tasks
+        self.backend = backend
+        self.done = done
+        self.limits = limits or Limits()
+        n = len(graph)
+        self.status: List[TaskStatus] = [WAITING] * n
+        self.unmet: List[int] = [len(d) for d in graph.deps]
+        self.ran: List[bool] = [False] * n
+        self.attempt: List[int] = [0] * n
+        self.failures: List[int] = [0] * n
+        self.losses: List[int] = [0] * n
+        self.ready: Deque[int] = deque()
+        self.in_flight = 0
+        self.pending = 0
+        self.remaining = n
+        self.paused = False
+        self.cancelled: Optional[str] = None
+        self.sent_functions: set = set()
+
+    # ------------------------------------------------------------ message entry
+    def on_receive(self, msg):
+        if isinstance(msg, P.ClientReport):
+            for key, attempt, t, worker in msg.started:
+                self.t_start(key, attempt, t, worker)
+            for result in msg.done:
+                self.t_result(result)
+            for lost in msg.lost:
+                self.t_lost(lost)
+        elif isinstance(msg, Start):
+            self.t_begin()
+        elif isinstance(msg, Cancel):
+            self.t_cancel_all(msg.reason)
+        elif isinstance(msg, Pause):
+            self.paused = msg.paused
+        elif isinstance(msg, BackendFailed):
+            self.t_cancel_all(msg.reason, status=FAILED)
+        elif isinstance(msg, P.WorkersChanged):
+            pass
+        self._submit_ready()
+        self._check_done()
+
+    def on_failure(self, exception_type, exception_value, traceback):
+        log.error("scheduler failed: %s", exception_value)
+        self.done.set()
+
+    # ------------------------------------------------------------ transitions
+    def _set(self, i: int, s: TaskStatus) -> None:
+        self.status[i] = s
+        self.tasks[i]._status = s
+
+    def t_begin(self) -> None:
+        """Release every task without task dependencies."""
+        self._release_all([i for i, n in enumerate(self.unmet) if n == 0])
+
+    def _release_all(self, start: List[int]) -> None:
+        """Decide each released task: skip it (and release its dependents in turn) or make it ready.
+        A worklist, not recursion: a chain of 100,000 up-to-date tasks must not overflow the stack."""
+        work = deque(start)
+        while work:
+            i = work.popleft()
+            if self.status[i] is not WAITING:
+                continue
+            t = self.tasks[i]
+            upstream_ran = any(self.ran[j] for j in self.g.deps[i])
+            try:
+                reason = t.run_reason(upstream_ran)
+            except Exception as e:
+                self._terminal(i, FAILED, f"cannot decide whether to run: {e}")
+                self._depfail_downstream(i)
+                continue
+            if reason is None:
+                t.reason = "up to date" if t.products else f"build mode {t.buildmode.name}"
+                self._terminal(i, SKIPPED)
+                for j in self.g.dependents[i]:
+                    self.unmet[j] -= 1
+                    if self.unmet[j] == 0:
+                        work.append(j)
+            else:
+                t.reason = reason
+                self.ready.append(i)
+
+    def _submit_ready(self) -> None:
+        if self.paused or self.cancelled or not self.ready:
+            return
+        cap = len(self.ready)
+        if self.limits.max_in_flight is not None:
+            cap = min(cap, self.limits.max_in_flight - self.in_flight)
+        if self.limits.max_pending is not None:
+            cap = min(cap, self.limits.max_pending - self.pending)
+        if cap <= 0:
+            return
+        specs, functions = [], {}
+        for _ in range(cap):
+            i = self.ready.popleft()
+            specs.append(self._spec(i, functions))
+            self._set(i, PENDING)
+        self.in_flight += len(specs)
+        self.pending += len(specs)
+        self.backend.submit(specs, functions)
+
+    def _spec(self, i: int, functions: Dict[bytes, bytes]) -> P.TaskSpec:
+        g, t = self.g, self.tasks[i]
+        self.attempt[i] += 1
+        t.attempts = self.attempt[i]
+        d = g.func_digest[i]
+        if d not in self.sent_functions:
+            self.sent_functions.add(d)
+            functions[d] = g.functions[d]
+        return P.TaskSpec(i, self.attempt[i], t.label, d, g.payloads[i], g.products[i], g.path_deps[i], t.timeout)
+
+    def t_start(self, key: int, attempt: int, when: float, worker: str) -> None:
+        if self.attempt[key] != attempt or self.status[key] is not PENDING:
+            return
+        self.pending -= 1
+        t = self.tasks[key]
+        t.start_time, t.worker = when, worker
+        self._set(key, RUNNING)
+
+    def t_result(self, r: P.TaskResult) -> None:
+        i = r.key
+        if self.attempt[i] != r.attempt or self.status[i] not in (PENDING, RUNNING):
+            return            # a late result of an attempt given up on: first result wins
+        if self.status[i] is PENDING:
+            self.pending -= 1
+        self.in_flight -= 1
+        t = self.tasks[i]
+        t.start_time, t.end_time = r.started, r.ended
+        t._stdout, t._stderr = r.stdout, r.stderr
+        if r.worker:
+            t.worker = r.worker
+        if r.error is None:
+            t.error = None
+            if r.value is not None:
+                t._result_blob = r.value
+            self.ran[i] = True
+            self._terminal(i, FINISHED)
+            self._release_dependents(i)
+            return
+        self.failures[i] += 1
+        if r.error.get("kind") != "DependencyNotMetException" and self.failures[i] <= t.retries:
+            log.info("task %s failed (%s), retry %d of %d", t.label, r.error.get("summary"), self.failures[i],
+                     t.retries)
+            self._retry(i)
+            return
+        t.error = r.error
+        self._terminal(i, FAILED, r.error.get("summary") or r.error.get("message", "failed"))
+        self._depfail_downstream(i)
+
+    def t_lost(self, lost: P.TaskLost) -> None:
+        i = lost.key
+        if self.attempt[i] != lost.attempt or self.status[i] not in (PENDING, RUNNING):
+            return
+        if self.status[i] is PENDING:
+            self.pending -= 1
+        self.in_flight -= 1
+        self.losses[i] += 1
+        if self.losses[i] <= self.limits.lost_retries and not self.cancelled:
+            log.warning("task %s lost (%s): dispatching it again", self.tasks[i].label, lost.reason)
+            self._retry(i)
+            return
+        t = self.tasks[i]
+        t.error = {"kind": "WorkerLost", "type": "WorkerLost", "message": lost.reason, "traceback": "",
+                   "summary": lost.reason}
+        self._terminal(i, FAILED, lost.reason)
+        self._depfail_downstream(i)
+
+    def _retry(self, i: int) -> None:
+        self._set(i, WAITING)
+        self.ready.appendleft(i)
+
+    def _release_dependents(self, i: int) -> None:
+        released = []
+        for j in self.g.dependents[i]:
+            self.unmet[j] -= 1
+            if self.unmet[j] == 0:
+                released.append(j)
+        if released:
+            self._release_all(released)
+
+    def _depfail_downstream(self, i: int) -> None:
+        failed = self.tasks[i].label
+        work = deque(self.g.dependents[i])
+        while work:
+            j = work.popleft()
+            if self.status[j] in TERMINAL_STATES:
+                continue
+            self._terminal(j, DEPFAILED, f"dependency {failed} failed")
+            work.extend(self.g.dependents[j])
+
+    def _terminal(self, i: int, s: TaskStatus, reason: Optional[str] = None) -> None:
+        if self.status[i] in TERMINAL_STATES:
+            return
+        self._set(i, s)
+        t = self.tasks[i]
+        if reason is not None:
+            t.reason = reason
+        if t.end_time is None and s in (FAILED, CANCELED, DEPFAILED):
+            t.end_time = time.time() if t.start_time is not None else None
+        self.remaining -= 1
+
+    def t_cancel_all(self, reason: str, status: TaskStatus = CANCELED) -> None:
+        """Everything not yet terminal ends now (queued, pending and running tasks alike)."""
+        if self.cancelled is None:
+            self.cancelled = reason
+        self.ready.clear()
+        in_backend = False
+        for i, s in enumerate(self.status):
+            if s in TERMINAL_STATES:
+                continue
+            if s in (PENDING, RUNNING):
+                in_backend = True
+            self._terminal(i, status, reason)
+        self.in_flight = self.pending = 0
+        if in_backend:
+            self.backend.cancel(None, reason)
+
+    def _check_done(self) -> None:
+        if self.remaining == 0 and not self.done.is_set():
+            self.done.set()

@@ -1,0 +1,375 @@
+"""`depio-worker`: connects out to a dispatcher, runs the tasks it is given, reports back.
+
+One thread, one ZeroMQ DEALER socket, one event loop over the socket and the slot pipes. No user
+code runs in this process (tasks run in slot processes), so heartbeats keep flowing whatever a
+task does. The flow of work is credit based: the worker grants the dispatcher credits for as many
+tasks as it wants to hold (slots, plus a prefetch that grows for short tasks and shrinks to zero
+for long ones), so short tasks stream and long ones are not hoarded.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+import uuid
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
+
+import zmq
+
+from depio import protocol as P
+from depio.protocol import TaskResult, TaskSpec
+
+from .slots import Slot, slot_context
+
+log = logging.getLogger("depio.worker")
+
+DEFAULT_HEARTBEAT = 1.0
+DEFAULT_LIVENESS = 3
+
+
+class Worker:
+    """The worker's event loop (see the module docstring)."""
+
+    def __init__(self, address: str, key: bytes, slots: int = 1, name: Optional[str] = None,
+                 heartbeat: float = DEFAULT_HEARTBEAT, liveness: int = DEFAULT_LIVENESS,
+                 idle_timeout: Optional[float] = None, parent_pid: Optional[int] = None,
+                 reconnect: Optional[float] = None, slurm_job_id: str = ""):
+        self.address = address
+        self.key = key
+        self.nslots = max(1, int(slots))
+        self.host = platform.node()
+        self.name = name or f"{self.host}:{os.getpid()}"
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.idle_timeout = idle_timeout
+        self.parent_pid = parent_pid
+        self.reconnect = reconnect
+        self.slurm_job_id = slurm_job_id
+        self.ctx = zmq.Context.instance()
+        self.sock: Optional[zmq.Socket] = None
+        self.slot_ctx = slot_context()
+        self.slots: List[Slot] = []
+        self.queue: Deque[Tuple[int, TaskSpec]] = deque()      # received, not yet in a slot
+        self.functions: Dict[bytes, bytes] = {}
+        self.open_credits = 0
+        self.avg_duration = 0.05     # seconds, moving average: decides the prefetch
+        self.started: List[Tuple[int, float]] = []
+        self.done: List[Tuple[int, TaskResult]] = []
+        self.last_sent = 0.0
+        self.last_heard = 0.0
+        self.last_busy = time.monotonic()
+        self.registered = False
+        self.stopping: Optional[str] = None
+        self.exit_code = 0
+        self.slots_changed = True
+
+    # ------------------------------------------------------------ sockets
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, f"w-{uuid.uuid4().hex}".encode())
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        if self.address.startswith("tcp://[") or "::" in self.address:
+            self.sock.setsockopt(zmq.IPV6, 1)
+        self.sock.connect(self.address)
+        self.registered = False
+        self.slots_changed = True
+        self.open_credits = 0
+        self.last_heard = time.monotonic()
+        self._send(P.Register(self.name, self.host, os.getpid(), self.nslots, slurm_job_id=self.slurm_job_id))
+
+    def _send(self, msg: object) -> None:
+        self.sock.send_multipart(P.encode(msg, self.key), copy=False)
+        self.last_sent = time.monotonic()
+
+    # ------------------------------------------------------------ slots
+    def _spawn_slot(self, index: int) -> Slot:
+        return Slot(self.slot_ctx, index, self.name)
+
+    def _replace_slot(self, slot: Slot) -> None:
+        """A slot was killed or died: put its not-yet-started tasks back and start a fresh one."""
+        for jid, spec in list(slot.assigned)[1:]:
+            self.queue.appendleft((jid, spec))
+        slot.kill()
+        self.slots[slot.index] = self._spawn_slot(slot.index)
+        self.slots_changed = True
+
+    def _capacity(self) -> int:
+        prefetch = 0 if self.avg_duration > 0.2 else (1 if self.avg_duration > 0.01 else 32)
+        return self.nslots * (1 + prefetch)
+
+    def _held(self) -> int:
+        return len(self.queue) + sum(len(s.assigned) for s in self.slots)
+
+    def _fill_slots(self) -> None:
+        if not self.queue:
+            return
+        depth = 1 if self.avg_duration > 0.01 else 4   # tasks handed to a slot ahead of time
+        for slot in sorted(self.slots, key=lambda s: len(s.assigned)):
+            while self.queue and len(slot.assigned) < depth:
+                jid, spec = self.queue.popleft()
+                if not slot.assigned:
+                    self.started.append((jid, time.time()))
+                slot.give(jid, spec, self.functions.get(spec.func_digest))
+
+    # ------------------------------------------------------------ messages from the dispatcher
+    def _on_message(self, msg: object) -> None:
+        if isinstance(msg, P.RunTasks):
+            self.functions.update(msg.functions)
+            self.queue.extend(msg.tasks)
+            self.open_credits = max(0, self.open_credits - len(msg.tasks))
+            self.last_busy = time.monotonic()
+        elif isinstance(msg, P.CancelJobs):
+            self._cancel(set(msg.jids))
+        elif isinstance(msg, P.Welcome):
+            self.registered = True
+            self.heartbeat, self.liveness = msg.heartbeat_interval, msg.liveness
+            log.info("registered with %s (%d slots)", self.address, self.nslots)
+        elif isinstance(msg, P.Refused):
+            log.error("refused by the dispatcher at %s: %s", self.address, msg.reason)
+            self.stopping, self.exit_code = f"refused: {msg.reason}", 3
+        elif isinstance(msg, P.Shutdown):
+            self.stopping = msg.reason or "dispatcher asked to shut down"
+        elif isinstance(msg, P.Reregister):
+            log.warning("dispatcher asked to register again: %s", msg.reason)
+            self._drop_all_tasks()
+            self._connect()
+
+    def _cancel(self, jids: set) -> None:
+        self.queue = deque(item for item in self.queue if item[0] not in jids)
+        for slot in list(self.slots):
+            if not slot.assigned:
+                continue
+            if slot.assigned[0][0] in jids:     # running: kill the slot, keep the rest queued
+                head = slot.assigned.popleft()
+                rest = [item for item in slot.assigned if item[0] not in jids]
+                slot.assigned.clear()
+                slot.assigned.extend([head] + rest)
+                self._replace_slot(slot)
+            else:                               # queued inside the slot: run, but do not report
+                slot.ignored.update(j for j, _ in slot.assigned if j in jids)
+
+    def _drop_all_tasks(self) -> None:
+        self.queue.clear()
+        for slot in list(self.slots):
+            if slot.assigned:
+                slot.assigned.clear()
+                self._replace_slot(slot)
+        self.started.clear()
+        self.done.clear()
+
+    # ------------------------------------------------------------ results from slots
+    def _on_slot_readable(self, slot: Slot) -> None:
+        try:
+            while slot.conn.poll():
+                kind, jid, result = slot.conn.recv()
+                if not slot.assigned or slot.assigned[0][0] != jid:
+                    continue
+                slot.assigned.popleft()
+                if jid in slot.ignored:
+                    slot.ignored.discard(jid)
+                else:
+                    self.done.append((jid, result))
+                duration = result.ended - result.started
+                self.avg_duration = 0.8 * self.avg_duration + 0.2 * duration
+                now = time.time()
+                slot.head_started = now
+                if slot.assigned:
+                    self.started.append((slot.assigned[0][0], now))
+        except (EOFError, OSError):
+            self._slot_died(slot)
+
+    def _slot_died(self, slot: Slot) -> None:
+        slot.process.join(1)
+        code = slot.process.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        if slot.assigned:
+            jid, spec = slot.assigned[0]
+            msg = f"the task's process ended abruptly ({how}) on worker {self.name}"
+            self.done.append((jid, TaskResult(spec.key, spec.attempt, slot.head_started, time.time(), "", "",
+                                              {"kind": "WorkerCrash", "type": "ProcessDied", "message": msg,
+                                               "traceback": "", "summary": msg}, None, self.name)))
+        log.warning("slot %d died (%s)", slot.index, how)
+        self._replace_slot(slot)
+
+    def _check_timeouts(self) -> None:
+        now = time.time()
+        for slot in list(self.slots):
+            deadline = slot.deadline()
+            if deadline is not None and now >= deadline:
+                jid, spec = slot.assigned[0]
+                msg = f"timed out after {spec.timeout:g} s"
+                self.done.append((jid, TaskResult(spec.key, spec.attempt, slot.head_started, now, "", "",
+                                                  {"kind": "TimeoutError", "type": "TimeoutError",
+                                                   "message": f"Task {spec.name}: {msg}", "traceback": "",
+                                                   "summary": msg}, None, self.name)))
+                self._replace_slot(slot)
+
+    # ------------------------------------------------------------ outgoing
+    def _flush(self) -> None:
+        if not self.registered:
+            return
+        if self.started or self.done:
+            self._send(P.WorkerReport(tuple(self.started), tuple(self.done)))
+            self.started, self.done = [], []
+        if self.stopping is None:
+            want = self._capacity() - self._held() - self.open_credits
+            if want > 0:
+                self.open_credits += want
+                self._send(P.RequestWork(want))
+
+    def _next_wakeup(self) -> float:
+        now = time.monotonic()
+        wake = min(self.last_sent + self.heartbeat, self.last_heard + self.heartbeat * self.liveness)
+        deadlines = [d for d in (s.deadline() for s in self.slots) if d is not None]
+        if deadlines:
+            wake = min(wake, now + (min(deadlines) - time.time()))
+        return max(0.0, wake - now)
+
+    # ------------------------------------------------------------ main loop
+    def run(self) -> int:
+        """Serve until told to stop, the dispatcher is gone, or idle too long. Returns the exit code."""
+        self.slots = [self._spawn_slot(i) for i in range(self.nslots)]
+        self._connect()
+        poller, by_fd = zmq.Poller(), {}
+        try:
+            while self.stopping is None:
+                if self.slots_changed:
+                    poller, by_fd = zmq.Poller(), {}
+                    poller.register(self.sock, zmq.POLLIN)
+                    for slot in self.slots:
+                        poller.register(slot.fileno(), zmq.POLLIN)
+                        by_fd[slot.fileno()] = slot
+                    self.slots_changed = False
+                events = dict(poller.poll(self._next_wakeup() * 1000))
+                if self.sock in events:
+                    self._drain_socket()
+                for fd, slot in list(by_fd.items()):
+                    if fd in events and self.slots[slot.index] is slot:
+                        self._on_slot_readable(slot)
+                self._check_timeouts()
+                self._fill_slots()
+                self._flush()
+                self._housekeeping()
+        except KeyboardInterrupt:
+            self.stopping = "interrupted"
+        finally:
+            self._shutdown()
+        return self.exit_code
+
+    def _drain_socket(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.last_heard = time.monotonic()
+            try:
+                msg = P.decode(frames, self.key)
+            except P.ProtocolError as e:
+                log.error("dropped a message from the dispatcher: %s", e)
+                if e.kind in ("signature", "version"):
+                    self.stopping, self.exit_code = f"cannot talk to the dispatcher: {e}", 3
+                continue
+            self._on_message(msg)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now - self.last_heard > self.heartbeat * self.liveness:
+            if self.reconnect and self.reconnect > 0:
+                log.warning("dispatcher at %s silent for %.1f s: reconnecting", self.address, now - self.last_heard)
+                self._drop_all_tasks()
+                self._connect()
+            else:
+                self.stopping, self.exit_code = f"dispatcher at {self.address} silent for {now - self.last_heard:.1f} s", 2
+            return
+        if self.registered and now - self.last_sent >= self.heartbeat:
+            self._send(P.Heartbeat())
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.stopping = "the process that started this worker is gone"
+        if self._held():
+            self.last_busy = now
+        elif self.idle_timeout is not None and now - self.last_busy > self.idle_timeout:
+            self.stopping = f"idle for {self.idle_timeout:g} s"
+
+    def _shutdown(self) -> None:
+        log.info("worker %s stopping: %s", self.name, self.stopping)
+        for slot in self.slots:
+            slot.stop(grace=1.0)
+        if self.sock is not None:
+            try:
+                if self.registered:
+                    self._send(P.Goodbye(self.stopping or ""))
+            except zmq.ZMQError:
+                pass
+            self.sock.close(linger=500)
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def read_key(key_file: Optional[str]) -> bytes:
+    """The shared key: from --key-file (must be private to its owner) or $DEPIO_KEY."""
+    if key_file:
+        st = os.stat(key_file)
+        if st.st_mode & 0o077:
+            raise SystemExit(f"depio-worker: key file {key_file} is readable by others "
+                             f"(mode {st.st_mode & 0o777:o}); run: chmod 600 {key_file}")
+        with open(key_file) as f:
+            return P.key_from_hex(f.read())
+    text = os.environ.get(P.KEY_ENV)
+    if not text:
+        raise SystemExit(f"depio-worker: no key: pass --key-file FILE or set ${P.KEY_ENV} "
+                         f"(the pipeline or pool prints where its key is)")
+    return P.key_from_hex(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="depio-worker",
+        description="Run depio tasks for a pipeline or a pool: connects out to its dispatcher.",
+        epilog="example: DEPIO_KEY=$(cat ~/.depio/pools/default.key) "
+               "depio-worker --connect tcp://10.0.0.5:5555 --slots 8")
+    p.add_argument("--connect", required=True, metavar="ADDR",
+                   help="the dispatcher's address, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--slots", type=int, default=os.cpu_count() or 1, help="tasks run at once [%(default)s]")
+    p.add_argument("--key-file", help="file with the hex key (mode 600); default: $DEPIO_KEY")
+    p.add_argument("--name", help="how this worker is shown [host:pid]")
+    p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT, help="seconds [%(default)s]")
+    p.add_argument("--liveness", type=int, default=DEFAULT_LIVENESS,
+                   help="heartbeats missed before the dispatcher counts as gone [%(default)s]")
+    p.add_argument("--idle-timeout", type=float, default=None, help="exit after this many idle seconds")
+    p.add_argument("--reconnect", type=float, default=None, metavar="SECONDS",
+                   help="when the dispatcher goes away, keep trying to re-register instead of exiting")
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="WARNING", help="logging level [%(default)s]")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="depio-worker %(levelname)s %(message)s")
+    try:
+        key = read_key(args.key_file)
+    except (OSError, ValueError) as e:
+        print(f"depio-worker: {e}", file=sys.stderr)
+        return 2
+    os.environ.pop(P.KEY_ENV, None)      # not inherited by the tasks' processes
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    worker = Worker(args.connect, key, slots=args.slots, name=args.name, heartbeat=args.heartbeat,
+                    liveness=args.liveness, idle_timeout=args.idle_timeout, parent_pid=args.parent_pid,
+                    reconnect=args.reconnect, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Slot processes: where tasks actually run.
+
+A worker runs each task in a child process (a slot) so that a task that holds the GIL, blocks in C
+code, crashes the interpreter or has to be killed on timeout cannot stop the worker's heartbeats
+or take the worker down. A slot runs the tasks it is handed one after another and answers each
+with a `TaskResult` over a pipe.
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import time
+from collections import deque
+from typing import Deque, Dict, Optional, Tuple
+
+import cloudpickle
+
+from depio.execution import FdCapture, call_task
+from depio.protocol import TaskResult, TaskSpec
+
+VALUE_LIMIT = 1 << 20   # return values larger than this are not sent back
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to signal this process when its parent dies (no orphans if the worker is killed)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _slot_main(conn, worker_name: str, parent_pid: int) -> None:
+    die_with_parent()
+    if os.getppid() != parent_pid:     # the worker died before prctl took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the worker's business
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    capture = FdCapture()
+    functions: Dict[bytes, object] = {}
+    blobs: Dict[bytes, bytes] = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        kind = msg[0]
+        if kind == "fn":
+            blobs[msg[1]] = msg[2]
+        elif kind == "run":
+            jid, spec = msg[1], msg[2]
+            conn.send(("done", jid, _run(spec, functions, blobs, capture, worker_name)))
+        elif kind == "stop":
+            return
+
+
+def _run(spec: TaskSpec, functions: Dict, blobs: Dict, capture: FdCapture, worker_name: str) -> TaskResult:
+    started = time.time()
+    try:
+        func = functions.get(spec.func_digest)
+        if func is None:
+            func = functions[spec.func_digest] = cloudpickle.loads(blobs.pop(spec.func_digest))
+        args, kwargs = pickle.loads(spec.args)
+    except Exception as e:
+        import traceback
+        return TaskResult(spec.key, spec.attempt, started, time.time(), "", "",
+                          {"kind": "TaskRaisedExceptionException", "type": type(e).__qualname__,
+                           "message": f"cannot load the task on worker {worker_name}: {e}",
+                           "traceback": traceback.format_exc(),
+                           "summary": f"cannot load the task on worker {worker_name}: {type(e).__name__}: {e}"},
+                          None, worker_name)
+    with capture:
+        error, value = call_task(func, args, kwargs, spec.name, spec.products, spec.dependencies)
+    out, err = capture.read()
+    blob = None
+    if value is not None:
+        try:
+            blob = pickle.dumps(value, protocol=5)
+        except Exception:
+            try:
+                blob = cloudpickle.dumps(value)
+            except Exception:
+                blob = None
+        if blob is not None and len(blob) > VALUE_LIMIT:
+            blob = None
+    return TaskResult(spec.key, spec.attempt, started, time.time(), out, err, error, blob, worker_name)
+
+
+class Slot:
+    """The worker's handle on one slot process and the tasks it has handed it (head = running)."""
+
+    def __init__(self, ctx, index: int, worker_name: str):
+        self.index = index
+        parent, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_slot_main, args=(child, worker_name, os.getpid()),
+                                   name=f"depio-slot-{index}", daemon=True)
+        self.process.start()
+        child.close()
+        self.conn = parent
+        self.assigned: Deque[Tuple[int, TaskSpec]] = deque()
+        self.head_started: float = 0.0
+        self.functions: set = set()
+        self.ignored: set = set()      # cancelled jobs still queued in the slot's pipe
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def give(self, jid: int, spec: TaskSpec, function_blob: Optional[bytes]) -> None:
+        if spec.func_digest not in self.functions:
+            self.conn.send(("fn", spec.func_digest, function_blob))
+            self.functions.add(spec.func_digest)
+        if not self.assigned:
+            self.head_started = time.time()
+        self.assigned.append((jid, spec))
+        self.conn.send(("run", jid, spec))
+
+    def deadline(self) -> Optional[float]:
+        if not self.assigned:
+            return None
+        timeout = self.assigned[0][1].timeout
+        return None if timeout is None else self.head_started + timeout
+
+    def kill(self) -> None:
+        """SIGKILL the slot and reap it."""
+        if self.process.is_alive():
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.join(5)
+        self.conn.close()
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Ask an idle slot to exit; SIGTERM, then SIGKILL, one that is busy or stuck."""
+        if self.process.is_alive():
+            if not self.assigned:
+                try:
+                    self.conn.send(("stop",))
+                except OSError:
+                    pass
+            else:
+                self.process.terminate()
+            self.process.join(grace)
+        if self.process.is_alive():
+            self.kill()
+        else:
+            self.conn.close()
+
+
+def slot_context():
+    """fork where it exists (a slot starts in milliseconds), spawn elsewhere."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
