@@ -1,0 +1,74 @@
+"""Shared fixtures: each test runs in its own folder, and no process it started may outlive it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def descendants(pid: int) -> List[int]:
+    """PIDs of every living descendant of `pid` (from /proc, zombies excluded)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2:].split()
+        if rest[0] in ("Z", "X"):
+            continue
+        children.setdefault(int(rest[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def wait_no_descendants(pid: int, timeout: float = 10.0) -> List[int]:
+    deadline = time.monotonic() + timeout
+    left = descendants(pid)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = descendants(pid)
+    return left
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """Every test must leave no child process behind (workers, slots, pipelines)."""
+    before = set(descendants(os.getpid()))
+    yield
+    left = [p for p in wait_no_descendants(os.getpid(), 15.0) if p not in before]
+    for p in left:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"processes left behind by the test: {left}"
+
+
+def run_script(path: Path, cwd: Path, timeout: float = 60, env=None, **kw) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(env or {})
+    return subprocess.run([sys.executable, str(path)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=e, stdin=subprocess.DEVNULL, **kw)
