@@ -57,11 +57,11 @@ class Pipeline:
                     f"Task {task.name}: depends_on names task {d.name!r}, which was not added to the pipeline "
                     f"first (add it, and use the task add_task returns)")
         keys = []
-        for p in task.products:
+        for n, p in enumerate(task.products):
             k = path_key(p)
             other = self._producers.get(k)
             if other is not None and other is not task:
-                arg = task._product_args.get(p)
+                arg = task._product_args[n]
                 where = f" (argument '{arg}')" if arg else ""
                 raise ProductAlreadyRegisteredException(
                     f"Task {task.name}: product {str(p)!r}{where} is already produced by task {other.label}")

@@ -12,7 +12,7 @@ import pickle
 import sys
 import time
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Callable, Dict, Iterable, List, Optional, Union, get_args, get_origin
 
 from .BuildMode import BuildMode
@@ -149,15 +149,19 @@ def _plan_for(func: Callable) -> _FunctionPlan:
 def _as_paths(value: Any) -> List[Path]:
     if value is None:
         return []
+    if isinstance(value, Path):
+        return [value]
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [Path(v) for v in value if v is not None]
+        return [v if isinstance(v, Path) else Path(v) for v in value if v is not None]
     return [Path(value)]
 
 
 def _freeze(value: Any) -> Any:
     """A hashable stand-in for an argument value, equal exactly when the values are equal."""
-    if isinstance(value, (str, int, float, bool, bytes, Path)) or value is None:
+    if isinstance(value, (str, int, float, bool, bytes)) or value is None:
         return value
+    if isinstance(value, PurePath):
+        return ('path', str(value))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_freeze(v) for v in value))
     if isinstance(value, dict):
@@ -206,20 +210,32 @@ class Task:
             self.func_args, self.func_kwargs = list(self.func_args), dict(self.func_kwargs)
 
         plan = _plan_for(func)
-        args_dict = {**plan.defaults, **dict(zip(plan.positional, self.func_args)), **self.func_kwargs}
+        args_dict = dict(plan.defaults) if plan.defaults else {}
+        args_dict.update(zip(plan.positional, self.func_args))
+        args_dict.update(self.func_kwargs)
         self._args_dict = args_dict
         self.cleaned_args: Dict[str, Any] = (
             {k: v for k, v in args_dict.items() if k not in plan.ignored} if plan.ignored else args_dict)
 
-        self.products: List[Path] = [p for n in plan.products for p in _as_paths(args_dict.get(n))]
-        self.products += _as_paths(produces)
-        self.dependencies: List[Union[Path, Task]] = [p for n in plan.dependencies for p in _as_paths(args_dict.get(n))]
+        # products and dependencies, with the argument each came from (for error messages)
+        self.products: List[Path] = []
+        self._product_args: List[Optional[str]] = []
+        for n in plan.products:
+            for p in _as_paths(args_dict.get(n)):
+                self.products.append(p)
+                self._product_args.append(n)
+        for p in _as_paths(produces):
+            self.products.append(p)
+            self._product_args.append(None)
+        self.dependencies: List[Union[Path, Task]] = []
+        self._dependency_args: List[Optional[str]] = []
+        for n in plan.dependencies:
+            for p in _as_paths(args_dict.get(n)):
+                self.dependencies.append(p)
+                self._dependency_args.append(n)
         for d in depends_on or []:
             self.dependencies.append(d if isinstance(d, Task) else Path(d))
-        # names of the arguments each path came from, for error messages
-        self._product_args: Dict[Path, str] = {p: n for n in plan.products for p in _as_paths(args_dict.get(n))}
-        self._dependency_args: Dict[Path, str] = {p: n for n in plan.dependencies
-                                                  for p in _as_paths(args_dict.get(n))}
+            self._dependency_args.append(None)
 
         # filled by Pipeline._solve_order
         self.task_dependencies: Optional[List[Task]] = None

@@ -7,7 +7,9 @@ and of child processes is caught too) and by in-process execution (SequentialExe
 from __future__ import annotations
 
 import io
+import linecache
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -197,6 +199,34 @@ class InlineOutcome:
 
     def exception(self) -> DepioError:
         return error_to_exception(self.result.error or {})
+
+
+_DYNAMIC_FRAME = re.compile(r'File "<dynamic-code>", line (\d+), in (\S+)\n')
+
+
+def restore_source_lines(tb: str, func: Callable) -> str:
+    """cloudpickle ships functions of `__main__` without their file name, so a worker's traceback
+    says `<dynamic-code>`. Put back the file and the source line, which this process still knows."""
+    if "<dynamic-code>" not in tb:
+        return tb
+    files: Dict[str, str] = {}
+    main = sys.modules.get("__main__")
+    for obj in list(vars(main).values()) if main is not None else []:
+        code = getattr(getattr(obj, "__wrapped__", obj), "__code__", None)
+        if code is not None:
+            files.setdefault(code.co_name, code.co_filename)
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        files[code.co_name] = code.co_filename
+
+    def repl(m: "re.Match") -> str:
+        lineno, name = int(m.group(1)), m.group(2)
+        filename = files.get(name)
+        if filename is None:
+            return m.group(0)
+        line = linecache.getline(filename, lineno).strip()
+        return f'File "{filename}", line {lineno}, in {name}\n' + (f"    {line}\n" if line else "")
+    return _DYNAMIC_FRAME.sub(repl, tb)
 
 
 def describe_failure(error: Optional[Dict[str, str]]) -> str:

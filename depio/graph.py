@@ -20,7 +20,10 @@ from .Task import Task
 
 def path_key(p: Path) -> str:
     """Two spellings of one file (`build/a`, `./build/a`, absolute) must meet in the indexes."""
-    return os.path.normpath(os.path.abspath(p))
+    s = os.fspath(p)
+    if not s.startswith("/"):
+        s = os.getcwd() + "/" + s
+    return os.path.normpath(s)
 
 
 class Graph:
@@ -51,7 +54,7 @@ def resolve(tasks: Sequence[Task], producers: Dict[str, Task], check_inputs: boo
         task_deps: List[Task] = []
         path_deps: List[Path] = []
         seen = set()
-        for d in t.dependencies:
+        for n, d in enumerate(t.dependencies):
             if isinstance(d, Task):
                 dep = d
             else:
@@ -59,7 +62,7 @@ def resolve(tasks: Sequence[Task], producers: Dict[str, Task], check_inputs: boo
                 dep = producers.get(path_key(d))
                 if dep is None:
                     if check_inputs and not d.exists():
-                        arg = t._dependency_args.get(d)
+                        arg = t._dependency_args[n]
                         where = f"argument '{arg}'" if arg else "depends_on"
                         missing.append(f"Task {t.label}: {where} = {str(d)!r} does not exist and no task produces it")
                     continue

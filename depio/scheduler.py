@@ -22,6 +22,7 @@ from typing import Deque, Dict, List, Optional
 import pykka
 
 from . import protocol as P
+from .execution import restore_source_lines
 from .graph import Graph
 from .TaskStatus import TaskStatus, TERMINAL_STATES
 
@@ -212,6 +213,8 @@ class SchedulerActor(pykka.ThreadingActor):
             self._retry(i)
             return
         t.error = r.error
+        if r.error.get("traceback"):
+            t.error = dict(r.error, traceback=restore_source_lines(r.error["traceback"], t.func))
         self._terminal(i, FAILED, r.error.get("summary") or r.error.get("message", "failed"))
         self._depfail_downstream(i)
 
