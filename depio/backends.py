@@ -58,10 +58,16 @@ class DispatcherBackend(Backend):
     """Starts an in-process dispatcher and local workers on first use, or joins a pool's dispatcher."""
 
     def __init__(self, launcher=None, address: Optional[str] = None, key: Optional[bytes] = None,
-                 bind: str = "tcp://127.0.0.1:*", heartbeat: float = 1.0, liveness: int = 3, name: str = "pipeline"):
+                 bind: str = "tcp://127.0.0.1:*", heartbeat: float = 1.0, liveness: int = 3, name: str = "pipeline",
+                 key_file: Optional[str] = None):
         self.launcher = launcher
         self.pool_address = address
-        self.key = key or P.new_key()
+        if address is None:      # our own dispatcher: off loopback only with a configured key
+            self.key = P.key_for_bind(bind, key=key, key_file=key_file)
+        else:
+            self.key = key or P.load_key(key_file)
+            if self.key is None:
+                raise P.KeyRequiredError(f"no key for the dispatcher at {address}: {P.MAKE_KEY_HINT}")
         self.bind_address = bind
         self.heartbeat = heartbeat
         self.liveness = liveness

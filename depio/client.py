@@ -57,24 +57,35 @@ class DispatcherClient:
             raise ConnectionError(f"the dispatcher at {self.address} refused this pipeline: {self._refused}")
 
     def send(self, msg: object) -> None:
-        """Thread-safe: queue a message for the dispatcher."""
+        """Thread-safe: queue a message for the dispatcher. Once the I/O thread has ended (the dispatcher
+        was lost, `on_lost` said so) messages are dropped: waiting for a reader that is gone would hang
+        the caller, e.g. a pipeline cleaning up after its dispatcher died."""
+        if not self._thread.is_alive() and self._thread.ident is not None:
+            log.debug("dispatcher connection closed: dropped %s", type(msg).__name__)
+            return
         push = getattr(self._local, "push", None)
         if push is None:
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
+            push.setsockopt(zmq.SNDHWM, 0)
+            push.setsockopt(zmq.SNDTIMEO, 1000)    # a last guard against a reader that vanished meanwhile
             push.connect(self._outbox_address)
             self._local.push = push
             with self._lock:
                 self._pushes.append(push)
-        push.send_multipart(P.encode(msg, self.key), copy=False)
+        try:
+            push.send_multipart(P.encode(msg, self.key), copy=False)
+        except zmq.Again:
+            log.warning("dispatcher connection closed: dropped %s", type(msg).__name__)
 
     def close(self, timeout: float = 2.0) -> None:
         self._stop = True
-        try:
-            self.send(P.ClientBye("pipeline finished"))
-        except zmq.ZMQError:
-            pass
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            try:
+                self.send(P.ClientBye("pipeline finished"))
+            except zmq.ZMQError:
+                pass
+            self._thread.join(timeout)
         with self._lock:
             for push in self._pushes:
                 push.close(linger=0)
@@ -117,7 +128,7 @@ class DispatcherClient:
                             break
                         last_heard = now
                         try:
-                            msg = P.decode(frames, self.key)
+                            msg = P.decode(frames, self.key, accept_refusal=True)
                         except P.ProtocolError as e:
                             log.error("dropped a message from the dispatcher at %s: %s", self.address, e)
                             if e.kind in ("signature", "version"):

@@ -118,6 +118,10 @@ class Dispatcher:
         self._rr: Deque[bytes] = deque()     # clients in round-robin order
         self.bad_messages: Dict[str, int] = {}
         self._bad_peers: Set[Tuple[str, bytes]] = set()
+        self._refused_peers: Set[Tuple[str, bytes]] = set()
+        self.refusals: Deque[str] = deque(maxlen=100)   # why peers were refused, latest last
+        self.workers_lost = 0
+        self.late_results = 0       # results of attempts given up on (worker declared lost, job cancelled)
         self._worker_address_requested = worker_address
         self.client_address = client_address or f"inproc://depio-clients-{uuid.uuid4().hex}"
         self._control_address = f"inproc://depio-control-{uuid.uuid4().hex}"
@@ -181,10 +185,33 @@ class Dispatcher:
             log.debug("cannot send to client %s: %s", c.name, e)
 
     def _bad(self, sock: str, identity: bytes, err: P.ProtocolError) -> None:
+        """Count and drop; log only the first bad message of each peer, so a flood cannot flood the log."""
         self.bad_messages[err.kind] = self.bad_messages.get(err.kind, 0) + 1
         if (sock, identity) not in self._bad_peers and len(self._bad_peers) < 10000:
             self._bad_peers.add((sock, identity))
             log.warning("dropped a bad message on the %s socket from peer %s: %s", sock, identity.hex()[:16], err)
+
+    def _refuse_once(self, sock: zmq.Socket, kind: str, identity: bytes, err: P.ProtocolError) -> None:
+        """Tell a peer that speaks another protocol version, or signs with another key, why nothing it
+        sends is accepted: in plain text (it cannot read our pickles, we cannot trust its), once per
+        peer, so that a rogue flooding bad frames gets one short answer and no amplification."""
+        if err.kind not in ("version", "signature"):
+            return
+        peer = (kind, identity)
+        if peer in self._refused_peers or len(self._refused_peers) >= 10000:
+            return
+        self._refused_peers.add(peer)
+        if err.kind == "version":
+            reason = f"protocol mismatch: {err}"
+        else:
+            reason = (f"signature check failed: the {kind} and the dispatcher do not share the same key "
+                      f"(${P.KEY_ENV} or --key-file)")
+        self.refusals.append(f"{kind} peer {identity.hex()[:16]}: {reason}")
+        log.error("refused a %s (peer %s): %s", kind, identity.hex()[:16], reason)
+        try:
+            sock.send_multipart([identity] + P.refusal(reason), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
@@ -219,7 +246,7 @@ class Dispatcher:
             self._ctl_pull.close(linger=0)
 
     def _drain(self, sock: zmq.Socket, kind: str, handler) -> None:
-        for _ in range(10000):    # bounded, so that one busy socket cannot starve the other
+        for _ in range(1000):     # bounded, so that a flooded socket delays neither the other one nor assignment
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -232,11 +259,7 @@ class Dispatcher:
                 msg = P.decode(frames[1:], self.key)
             except P.ProtocolError as e:
                 self._bad(kind, identity, e)
-                if e.kind == "version":
-                    try:
-                        sock.send_multipart([identity] + P.refusal(f"protocol mismatch: {e}"))
-                    except zmq.ZMQError:
-                        pass
+                self._refuse_once(sock, kind, identity, e)
                 continue
             handler(identity, msg)
 
@@ -247,6 +270,9 @@ class Dispatcher:
             self._register(identity, msg)
             return
         if w is None:
+            if isinstance(msg, P.WorkerReport) and msg.done:
+                self.late_results += len(msg.done)
+                log.info("ignored %d late result(s) from unknown worker %s", len(msg.done), identity.hex()[:16])
             if not isinstance(msg, P.Goodbye):
                 try:
                     self._wsock.send_multipart([identity] + P.encode(
@@ -269,8 +295,9 @@ class Dispatcher:
         if msg.runtime != mine:
             diff = ", ".join(f"{k} {msg.runtime.get(k)} (dispatcher: {v})" for k, v in mine.items()
                              if msg.runtime.get(k) != v)
-            reason = f"worker {msg.worker_id} refused: runtime differs: {diff}"
+            reason = f"worker {msg.worker_id} (host {msg.host}, pid {msg.pid}) refused: runtime differs: {diff}"
             log.error(reason)
+            self.refusals.append(reason)
             try:
                 self._wsock.send_multipart([identity] + P.encode(P.Refused(reason), self.key))
             except zmq.ZMQError:
@@ -294,6 +321,7 @@ class Dispatcher:
             job = self.jobs.pop(jid, None)
             w.jobs.discard(jid)
             if job is None or job.worker is not w:
+                self.late_results += 1
                 continue      # cancelled, or the worker was declared lost and the task re-sent
             w.done += 1
             self.tasks_done += 1
@@ -302,7 +330,11 @@ class Dispatcher:
             self._report(job.client)[2].append(result)
 
     def _lose_worker(self, w: WorkerInfo, reason: str) -> None:
+        """Forget the worker and hand each of its jobs back to its client as lost. Should the worker
+        come back (it was only stopped or cut off), it is told to re-register and its late results
+        are dropped here, and by attempt id in the scheduler."""
         self.workers.remove(w.identity)
+        self.workers_lost += 1
         for jid in sorted(w.jobs):
             job = self.jobs.pop(jid, None)
             if job is None:
@@ -324,8 +356,14 @@ class Dispatcher:
         if isinstance(msg, P.ClientHello):
             if c is None:
                 if msg.runtime != P.runtime_signature():
-                    reason = f"pipeline refused: runtime differs ({msg.runtime} vs {P.runtime_signature()})"
-                    self._csock.send_multipart([identity] + P.encode(P.Refused(reason), self.key))
+                    reason = (f"pipeline {msg.name} (host {msg.host}, pid {msg.pid}) refused: runtime differs "
+                              f"({msg.runtime} vs {P.runtime_signature()})")
+                    log.error(reason)
+                    self.refusals.append(reason)
+                    try:
+                        self._csock.send_multipart([identity] + P.encode(P.Refused(reason), self.key))
+                    except zmq.ZMQError:
+                        pass
                     return
                 c = ClientInfo(identity, self._next_client, msg.name, msg.host, msg.pid)
                 self._next_client += 1
@@ -450,4 +488,7 @@ class Dispatcher:
                          "running": len(c.jobs), "done": c.done, "since": c.since}
                         for c in list(self.clients.values())],
             "bad_messages": dict(self.bad_messages),
+            "workers_lost": self.workers_lost,
+            "late_results": self.late_results,
+            "refusals": list(self.refusals),
         }

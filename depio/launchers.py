@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -37,8 +38,17 @@ def worker_environment(key: bytes) -> dict:
     return env
 
 
+# worker exit codes that a replacement would only repeat (see worker/main.py)
+NO_RESTART_CODES = {2: "its dispatcher is gone", 3: "it was refused (key, protocol or runtime mismatch)"}
+
+
 class LocalLauncher:
-    """Starts `workers` local worker processes with `slots` slots each."""
+    """Starts `workers` local worker processes with `slots` slots each.
+
+    A worker that dies (OOM killer, kill -9, a crash) is replaced, up to `max_restarts` times in all:
+    what a user expects of a local pool is that it stays at strength, while the dispatcher hands the
+    lost tasks back to the scheduler (a separate, per-task budget). A worker that exits because it
+    was refused or lost its dispatcher is not replaced: its replacement would fare the same."""
 
     def __init__(self, workers: int, slots: int, heartbeat: float = 1.0, liveness: int = 3,
                  max_restarts: Optional[int] = None, log_level: str = "WARNING"):
@@ -63,9 +73,11 @@ class LocalLauncher:
         cmd = worker_command(self.address, self.slots,
                              ["--heartbeat", str(self.heartbeat), "--liveness", str(self.liveness),
                               "--parent-pid", str(os.getpid()), "--log-level", self.log_level])
-        proc = subprocess.Popen(cmd, env=worker_environment(self.key), stdin=subprocess.DEVNULL,
-                                start_new_session=True)   # Ctrl-C in the terminal goes to the pipeline only
-        with self._lock:
+        with self._lock:     # stop() sets _stopping under the lock: no worker starts after it looked
+            if self._stopping:
+                return
+            proc = subprocess.Popen(cmd, env=worker_environment(self.key), stdin=subprocess.DEVNULL,
+                                    start_new_session=True)   # Ctrl-C in the terminal goes to the pipeline only
             self.procs.append(proc)
         threading.Thread(target=self._watch, args=(proc,), name=f"depio-watch-{proc.pid}", daemon=True).start()
 
@@ -74,18 +86,24 @@ class LocalLauncher:
         code = proc.wait()
         if self._stopping:
             return
+        pointless = NO_RESTART_CODES.get(code)
         with self._lock:
             alive = [p for p in self.procs if p.poll() is None]
-            may_restart = self.restarts < self.max_restarts
+            may_restart = self.restarts < self.max_restarts and pointless is None
             if may_restart:
                 self.restarts += 1
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        who = f"local worker (host {platform.node()}, pid {proc.pid})"
+        when = time.strftime("%H:%M:%S")
         if may_restart:
-            log.warning("local worker pid %d ended (%s); starting a replacement", proc.pid, how)
+            log.warning("%s ended (%s) at %s; starting a replacement", who, how, when)
             self._spawn()
-        elif not alive and self.on_all_gone is not None:
-            self.on_all_gone(f"all local workers ended (the last, pid {proc.pid}, with {how}) and the restart "
-                             f"budget ({self.max_restarts}) is spent")
+            return
+        why = pointless or f"the restart budget ({self.max_restarts}) is spent"
+        log.warning("%s ended (%s) at %s; not replaced: %s", who, how, when, why)
+        if not alive and self.on_all_gone is not None:
+            self.on_all_gone(f"{who} ended ({how}) at {when}; no local worker is left and none is started "
+                             f"again: {why}")
 
     @property
     def pids(self) -> List[int]:
@@ -99,8 +117,8 @@ class LocalLauncher:
     def stop(self, grace: float = 3.0) -> None:
         """Workers were told to shut down by the dispatcher; give them `grace` seconds, then
         SIGTERM, then SIGKILL, each by PID."""
-        self._stopping = True
         with self._lock:
+            self._stopping = True
             procs = list(self.procs)
         deadline = time.monotonic() + grace
         for p in procs:

@@ -14,6 +14,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -24,12 +25,13 @@ import zmq
 from depio import protocol as P
 from depio.protocol import TaskResult, TaskSpec
 
-from .slots import Slot, slot_context
+from .slots import Slot, slot_context, stop_slots
 
 log = logging.getLogger("depio.worker")
 
 DEFAULT_HEARTBEAT = 1.0
 DEFAULT_LIVENESS = 3
+DEFAULT_KILL_GRACE = 2.0    # seconds between SIGTERM and SIGKILL for a cancelled task
 
 
 class Worker:
@@ -38,7 +40,8 @@ class Worker:
     def __init__(self, address: str, key: bytes, slots: int = 1, name: Optional[str] = None,
                  heartbeat: float = DEFAULT_HEARTBEAT, liveness: int = DEFAULT_LIVENESS,
                  idle_timeout: Optional[float] = None, parent_pid: Optional[int] = None,
-                 reconnect: Optional[float] = None, slurm_job_id: str = ""):
+                 reconnect: Optional[float] = None, slurm_job_id: str = "",
+                 kill_grace: float = DEFAULT_KILL_GRACE):
         self.address = address
         self.key = key
         self.nslots = max(1, int(slots))
@@ -50,6 +53,9 @@ class Worker:
         self.parent_pid = parent_pid
         self.reconnect = reconnect
         self.slurm_job_id = slurm_job_id
+        self.kill_grace = kill_grace
+        self.dying: List[Tuple[Slot, float]] = []    # cancelled slots: SIGTERM sent, SIGKILL at the deadline
+        self.silent_since: Optional[float] = None     # when the dispatcher was first found silent
         self.ctx = zmq.Context.instance()
         self.sock: Optional[zmq.Socket] = None
         self.slot_ctx = slot_context()
@@ -94,13 +100,23 @@ class Worker:
     def _spawn_slot(self, index: int) -> Slot:
         return Slot(self.slot_ctx, index, self.name)
 
-    def _replace_slot(self, slot: Slot) -> None:
-        """A slot was killed or died: put its not-yet-started tasks back and start a fresh one."""
-        for jid, spec in list(slot.assigned)[1:]:
+    def _replace_slot(self, slot: Slot, graceful: bool = False) -> None:
+        """A slot must go (its task timed out, was cancelled, or it died): put its not-yet-started tasks
+        back and start a fresh slot at once. `graceful`: SIGTERM now, SIGKILL after the grace period
+        (in `_reap_dying`, so the loop and its heartbeats never wait); otherwise SIGKILL now."""
+        for jid, spec in reversed(list(slot.assigned)[1:]):
             self.queue.appendleft((jid, spec))
-        slot.kill()
+        slot.assigned.clear()
+        if graceful:
+            slot.signal(signal.SIGTERM)
+            self.dying.append((slot, time.monotonic() + self.kill_grace))
+        else:
+            slot.kill()
         self.slots[slot.index] = self._spawn_slot(slot.index)
         self.slots_changed = True
+
+    def _reap_dying(self) -> None:
+        self.dying = [(slot, deadline) for slot, deadline in self.dying if not slot.finish_stop(deadline)]
 
     def _capacity(self) -> int:
         prefetch = 0 if self.avg_duration > 0.2 else (1 if self.avg_duration > 0.01 else 32)
@@ -131,15 +147,24 @@ class Worker:
             self._cancel(set(msg.jids))
         elif isinstance(msg, P.Welcome):
             self.registered = True
+            self.silent_since = None
             self.heartbeat, self.liveness = msg.heartbeat_interval, msg.liveness
             log.info("registered with %s (%d slots)", self.address, self.nslots)
         elif isinstance(msg, P.Refused):
             log.error("refused by the dispatcher at %s: %s", self.address, msg.reason)
-            self.stopping, self.exit_code = f"refused: {msg.reason}", 3
+            self.stopping, self.exit_code = f"refused by the dispatcher at {self.address}: {msg.reason}", 3
         elif isinstance(msg, P.Shutdown):
-            self.stopping = msg.reason or "dispatcher asked to shut down"
+            if self._may_reconnect():     # a pool restarting: wait for it at the same address
+                log.warning("dispatcher at %s shut down (%s): waiting to register again", self.address, msg.reason)
+                self.silent_since = time.monotonic()
+                self._drop_all_tasks()
+                self._connect()
+            else:
+                self.stopping = msg.reason or "dispatcher asked to shut down"
         elif isinstance(msg, P.Reregister):
             log.warning("dispatcher asked to register again: %s", msg.reason)
+            if self.done:     # results of jobs it gave up on: it counts and drops them
+                self._send(P.WorkerReport((), tuple(self.done)))
             self._drop_all_tasks()
             self._connect()
 
@@ -153,16 +178,18 @@ class Worker:
                 rest = [item for item in slot.assigned if item[0] not in jids]
                 slot.assigned.clear()
                 slot.assigned.extend([head] + rest)
-                self._replace_slot(slot)
+                self._replace_slot(slot, graceful=True)
             else:                               # queued inside the slot: run, but do not report
                 slot.ignored.update(j for j, _ in slot.assigned if j in jids)
 
     def _drop_all_tasks(self) -> None:
+        """The dispatcher forgot us (lost or restarted): its jobs were given back to their pipelines,
+        so stop running them (SIGTERM, then SIGKILL after the grace period)."""
         self.queue.clear()
         for slot in list(self.slots):
             if slot.assigned:
                 slot.assigned.clear()
-                self._replace_slot(slot)
+                self._replace_slot(slot, graceful=True)
         self.started.clear()
         self.done.clear()
 
@@ -232,6 +259,8 @@ class Worker:
         deadlines = [d for d in (s.deadline() for s in self.slots) if d is not None]
         if deadlines:
             wake = min(wake, now + (min(deadlines) - time.time()))
+        if self.dying:
+            wake = min(wake, now + 0.1, min(d for _, d in self.dying))   # reap promptly, SIGKILL on time
         return max(0.0, wake - now)
 
     # ------------------------------------------------------------ main loop
@@ -249,12 +278,17 @@ class Worker:
                         poller.register(slot.fileno(), zmq.POLLIN)
                         by_fd[slot.fileno()] = slot
                     self.slots_changed = False
-                events = dict(poller.poll(self._next_wakeup() * 1000))
-                if self.sock in events:
-                    self._drain_socket()
+                wait = self._next_wakeup()
+                before = time.monotonic()
+                events = dict(poller.poll(wait * 1000))
+                self._check_suspended(time.monotonic() - before - wait)
+                # slots first: a result that is ready is taken before a message (a Reregister after a
+                # suspension) can drop it, so the dispatcher sees it, late, and ignores it knowingly
                 for fd, slot in list(by_fd.items()):
                     if fd in events and self.slots[slot.index] is slot:
                         self._on_slot_readable(slot)
+                if self.sock in events:
+                    self._drain_socket()
                 self._check_timeouts()
                 self._fill_slots()
                 self._flush()
@@ -273,23 +307,31 @@ class Worker:
                 return
             self.last_heard = time.monotonic()
             try:
-                msg = P.decode(frames, self.key)
+                msg = P.decode(frames, self.key, accept_refusal=True)
             except P.ProtocolError as e:
                 log.error("dropped a message from the dispatcher: %s", e)
                 if e.kind in ("signature", "version"):
-                    self.stopping, self.exit_code = f"cannot talk to the dispatcher: {e}", 3
+                    self.stopping, self.exit_code = f"cannot talk to the dispatcher at {self.address}: {e}", 3
                 continue
+            sock = self.sock
             self._on_message(msg)
+            if self.sock is not sock or self.stopping is not None:
+                return       # re-registered: what the old socket still holds is for the old identity
+
+    def _check_suspended(self, overslept: float) -> None:
+        """A poll that returned far later than asked means this process was stopped (SIGSTOP, a frozen VM)
+        or starved, not that the dispatcher went silent: give it a fresh window to answer. If it
+        declared us lost meanwhile, it says so (Reregister) on our next message (a heartbeat is due)."""
+        if overslept > self.heartbeat * self.liveness:
+            log.warning("this worker was suspended for %.1f s; checking back with the dispatcher", overslept)
+            self.last_heard = time.monotonic()
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if self.dying:
+            self._reap_dying()
         if now - self.last_heard > self.heartbeat * self.liveness:
-            if self.reconnect and self.reconnect > 0:
-                log.warning("dispatcher at %s silent for %.1f s: reconnecting", self.address, now - self.last_heard)
-                self._drop_all_tasks()
-                self._connect()
-            else:
-                self.stopping, self.exit_code = f"dispatcher at {self.address} silent for {now - self.last_heard:.1f} s", 2
+            self._dispatcher_silent(now)
             return
         if self.registered and now - self.last_sent >= self.heartbeat:
             self._send(P.Heartbeat())
@@ -300,10 +342,33 @@ class Worker:
         elif self.idle_timeout is not None and now - self.last_busy > self.idle_timeout:
             self.stopping = f"idle for {self.idle_timeout:g} s"
 
+    def _dispatcher_silent(self, now: float) -> None:
+        """No word from the dispatcher for `liveness` intervals: it died, or the network is gone. Its
+        view of our tasks is lost with it, so stop them; then exit, or (with --reconnect) open a fresh
+        connection and re-register whenever a dispatcher answers at the same address, giving up after
+        `reconnect` seconds."""
+        silent = now - self.last_heard
+        if self.silent_since is None:
+            self.silent_since = self.last_heard
+        waited = now - self.silent_since
+        if self._may_reconnect(waited):
+            log.warning("dispatcher at %s silent for %.1f s: stopping this worker's tasks and registering again",
+                        self.address, silent)
+            self._drop_all_tasks()
+            self._connect()
+            return
+        self.stopping = f"the dispatcher at {self.address} is gone (silent for {waited:.1f} s)"
+        self.exit_code = 2
+
+    def _may_reconnect(self, waited: float = 0.0) -> bool:
+        return self.reconnect is not None and self.reconnect > 0 and waited < self.reconnect
+
     def _shutdown(self) -> None:
         log.info("worker %s stopping: %s", self.name, self.stopping)
-        for slot in self.slots:
-            slot.stop(grace=1.0)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not cut the clean-up short
+        stop_slots(list(self.slots) + [slot for slot, _ in self.dying], grace=self.kill_grace)
+        self.dying = []
         if self.sock is not None:
             try:
                 if self.registered:
@@ -319,18 +384,11 @@ def _on_sigterm(signum, frame) -> None:
 
 def read_key(key_file: Optional[str]) -> bytes:
     """The shared key: from --key-file (must be private to its owner) or $DEPIO_KEY."""
-    if key_file:
-        st = os.stat(key_file)
-        if st.st_mode & 0o077:
-            raise SystemExit(f"depio-worker: key file {key_file} is readable by others "
-                             f"(mode {st.st_mode & 0o777:o}); run: chmod 600 {key_file}")
-        with open(key_file) as f:
-            return P.key_from_hex(f.read())
-    text = os.environ.get(P.KEY_ENV)
-    if not text:
-        raise SystemExit(f"depio-worker: no key: pass --key-file FILE or set ${P.KEY_ENV} "
-                         f"(the pipeline or pool prints where its key is)")
-    return P.key_from_hex(text)
+    key = P.load_key(key_file)
+    if key is None:
+        raise P.KeyRequiredError(f"no key: pass --key-file FILE or set ${P.KEY_ENV} (a local pipeline hands its "
+                                 f"workers a key itself; for a pool or a remote pipeline, {P.MAKE_KEY_HINT})")
+    return key
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heartbeats missed before the dispatcher counts as gone [%(default)s]")
     p.add_argument("--idle-timeout", type=float, default=None, help="exit after this many idle seconds")
     p.add_argument("--reconnect", type=float, default=None, metavar="SECONDS",
-                   help="when the dispatcher goes away, keep trying to re-register instead of exiting")
+                   help="when the dispatcher goes away (dies, or shuts down), keep trying to re-register "
+                        "with one at the same address for up to SECONDS instead of exiting")
+    p.add_argument("--kill-grace", type=float, default=DEFAULT_KILL_GRACE, metavar="SECONDS",
+                   help="a cancelled task gets SIGTERM, then SIGKILL after this long [%(default)s]")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="WARNING", help="logging level [%(default)s]")
     return p
@@ -367,8 +428,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     worker = Worker(args.connect, key, slots=args.slots, name=args.name, heartbeat=args.heartbeat,
                     liveness=args.liveness, idle_timeout=args.idle_timeout, parent_pid=args.parent_pid,
-                    reconnect=args.reconnect, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
-    return worker.run()
+                    reconnect=args.reconnect, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""),
+                    kill_grace=args.kill_grace)
+    code = worker.run()
+    if code:
+        print(f"depio-worker: {worker.stopping}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -35,10 +35,21 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def _own_process_group(pid: int = 0) -> None:
+    """Make the slot the leader of its own process group, so that killing the group on timeout or
+    cancellation also ends what the task started (a `subprocess`, a shell pipeline). Done by both the
+    slot and the worker, whichever runs first (the usual fork race)."""
+    try:
+        os.setpgid(pid, pid if pid else 0)
+    except OSError:
+        pass
+
+
 def _slot_main(conn, worker_name: str, parent_pid: int) -> None:
     die_with_parent()
     if os.getppid() != parent_pid:     # the worker died before prctl took effect
         os._exit(1)
+    _own_process_group()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the worker's business
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     capture = FdCapture()
@@ -100,6 +111,7 @@ class Slot:
         self.process = ctx.Process(target=_slot_main, args=(child, worker_name, os.getpid()),
                                    name=f"depio-slot-{index}", daemon=True)
         self.process.start()
+        _own_process_group(self.process.pid)
         child.close()
         self.conn = parent
         self.assigned: Deque[Tuple[int, TaskSpec]] = deque()
@@ -125,31 +137,77 @@ class Slot:
         timeout = self.assigned[0][1].timeout
         return None if timeout is None else self.head_started + timeout
 
-    def kill(self) -> None:
-        """SIGKILL the slot and reap it."""
-        if self.process.is_alive():
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the slot and to everything its task started in the slot's process group."""
+        pid = self.process.pid
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, sig)     # a group id is not reused while any member lives
+            return
+        except (ProcessLookupError, PermissionError):
+            pass                    # no group (yet, or any more): the slot alone
+        if self.process.exitcode is None:   # not reaped yet, so the pid is still the slot's
             try:
-                os.kill(self.process.pid, signal.SIGKILL)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        self.process.join(5)
-        self.conn.close()
 
-    def stop(self, grace: float = 2.0) -> None:
-        """Ask an idle slot to exit; SIGTERM, then SIGKILL, one that is busy or stuck."""
-        if self.process.is_alive():
-            if not self.assigned:
-                try:
-                    self.conn.send(("stop",))
-                except OSError:
-                    pass
-            else:
-                self.process.terminate()
-            self.process.join(grace)
+    def kill(self) -> None:
+        """SIGKILL the slot (and its task's processes) and reap it."""
+        self.signal(signal.SIGKILL)
+        self.process.join(5)
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+    def ask_to_stop(self) -> None:
+        """Begin stopping without waiting: an idle slot is asked to exit, a busy one gets SIGTERM
+        (its task may clean up); `finish_stop` reaps it or, past the grace period, SIGKILLs it."""
+        if not self.process.is_alive():
+            return
+        if not self.assigned:
+            try:
+                self.conn.send(("stop",))
+                return
+            except OSError:
+                pass
+        self.signal(signal.SIGTERM)
+
+    def finish_stop(self, deadline: float) -> bool:
+        """Reap the slot if it has exited; SIGKILL it once `deadline` (time.monotonic) has passed.
+        True when it is gone."""
+        if self.process.is_alive() and time.monotonic() < deadline:
+            return False
         if self.process.is_alive():
             self.kill()
         else:
-            self.conn.close()
+            self.process.join(0)
+            self.signal(signal.SIGKILL)    # whatever the task left behind in the group
+            self.close()
+        return True
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Ask an idle slot to exit; SIGTERM, then SIGKILL after `grace` s, one that is busy or stuck."""
+        self.ask_to_stop()
+        self.process.join(grace)
+        self.finish_stop(0.0)
+
+
+def stop_slots(slots, grace: float) -> None:
+    """Stop several slots at once: all are asked first, then all are waited for against one deadline."""
+    for slot in slots:
+        slot.ask_to_stop()
+    deadline = time.monotonic() + grace
+    pending = list(slots)
+    while pending:
+        pending = [s for s in pending if not s.finish_stop(deadline)]
+        if pending:
+            time.sleep(0.02)
 
 
 def slot_context():
