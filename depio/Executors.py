@@ -76,4 +76,6 @@ class ParallelExecutor(AbstractTaskExecutor):
         return f"ParallelExecutor({self.workers} workers x {self.slots_per_worker} slots)"
 
 
-__all__ = ["AbstractTaskExecutor", "SequentialExecutor", "ParallelExecutor"]
+from .slurm import SubmitItExecutor, SlurmPilotExecutor  # noqa: E402  (after the base classes: slurm imports them)
+
+__all__ = ["AbstractTaskExecutor", "SequentialExecutor", "ParallelExecutor", "SubmitItExecutor", "SlurmPilotExecutor"]

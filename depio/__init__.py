@@ -3,7 +3,7 @@
     from depio import Pipeline, ParallelExecutor, Task, Product, Dependency, task
 """
 from .BuildMode import BuildMode
-from .Executors import AbstractTaskExecutor, ParallelExecutor, SequentialExecutor
+from .Executors import AbstractTaskExecutor, ParallelExecutor, SequentialExecutor, SlurmPilotExecutor, SubmitItExecutor
 from .Pipeline import Pipeline
 from .Task import Dependency, IgnoredForEq, Product, Task
 from .TaskStatus import FAILED_TERMINAL_STATES, SUCCESSFUL_TERMINAL_STATES, TERMINAL_STATES, TaskStatus
@@ -15,7 +15,8 @@ from .exceptions import (CyclicDependencyException, DependencyNotAvailableExcept
 
 __version__ = "0.2.0"
 
-__all__ = ["BuildMode", "AbstractTaskExecutor", "ParallelExecutor", "SequentialExecutor", "Pipeline", "Task",
+__all__ = ["BuildMode", "AbstractTaskExecutor", "ParallelExecutor", "SequentialExecutor", "SubmitItExecutor",
+           "SlurmPilotExecutor", "Pipeline", "Task",
            "Product", "Dependency", "IgnoredForEq", "TaskStatus", "TERMINAL_STATES", "SUCCESSFUL_TERMINAL_STATES",
            "FAILED_TERMINAL_STATES", "task", "DepioError", "CyclicDependencyException",
            "DependencyNotAvailableException", "DependencyNotMetException", "ProductAlreadyRegisteredException",

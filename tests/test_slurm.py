@@ -1,0 +1,336 @@
+"""Slurm for real: per-task jobs and pilot workers through submitit, on a real (local) Slurm.
+
+Run them with a local single-node cluster:
+
+    eval "$(bash scripts/local-slurm.sh up)"      # installs slurm-wlm on first use, ~30 s
+    python -m pytest tests/test_slurm.py -q
+    bash scripts/local-slurm.sh down
+
+Without a reachable cluster they are skipped, unless DEPIO_REQUIRE_SLURM=1 (CI), then they fail.
+Jobs connect back to the pipeline on 127.0.0.1 (DEPIO_ADDRESS), as compute nodes here are this host.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_script
+
+pytestmark = pytest.mark.slurm
+
+HOW = 'run: eval "$(bash scripts/local-slurm.sh up)" (then bash scripts/local-slurm.sh down)'
+
+
+def _cluster_problem() -> str:
+    if not shutil.which("sbatch") or not shutil.which("squeue"):
+        return "no Slurm client (sbatch/squeue) on PATH"
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"sinfo failed: {e}"
+    if r.returncode != 0:
+        return f"Slurm is not reachable: {r.stderr.strip()[:200]}"
+    states = r.stdout.split()
+    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states):
+        return f"no usable Slurm node (sinfo: {' '.join(states) or 'nothing'})"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = _cluster_problem()
+    if problem:
+        if os.environ.get("DEPIO_REQUIRE_SLURM") == "1":
+            pytest.fail(f"DEPIO_REQUIRE_SLURM=1 but {problem}; {HOW}")
+        pytest.skip(f"{problem}; {HOW}")
+    r = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=10)
+    default = next((p.rstrip("*") for p in r.stdout.split() if p.endswith("*")), r.stdout.split()[0].rstrip("*"))
+    return {"partition": default}
+
+
+@pytest.fixture
+def slurm_env(cluster, workdir, monkeypatch):
+    """Jobs connect back on loopback; the local cluster's partition; a fresh submitit folder."""
+    monkeypatch.setenv("DEPIO_ADDRESS", "127.0.0.1")
+    monkeypatch.setenv("SBATCH_PARTITION", cluster["partition"])
+    yield workdir
+    _wait_no_jobs(workdir)
+
+
+def _squeue_active(name_filter: str = "") -> list:
+    args = ["squeue", "-h", "-o", "%i|%j|%T"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    return [line for line in r.stdout.splitlines() if line.strip() and name_filter in line]
+
+
+def _jobs_of(folder: Path) -> set:
+    """Job ids submitit created in `folder` (one *_submission.sh per sbatch call)."""
+    return {p.name.split("_")[0] for p in folder.glob("*_submission.sh")}
+
+
+def _wait_no_jobs(folder: Path, timeout: float = 30.0) -> list:
+    ids = _jobs_of(folder / "slurm") if (folder / "slurm").exists() else set()
+    deadline = time.monotonic() + timeout
+    left = []
+    while ids:
+        r = subprocess.run(["squeue", "-h", "-o", "%F|%i|%T"], capture_output=True, text=True, timeout=30)
+        left = [line for line in r.stdout.splitlines() if line.split("|")[0] in ids]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return left
+
+
+# ---------------------------------------------------------------- per-task mode: the README example
+
+@pytest.mark.timeout(120)
+def test_readme_slurm_example_per_task_jobs(slurm_env):
+    t0 = time.monotonic()
+    r = run_script(ROOT / "examples" / "slurm_demo.py", slurm_env, timeout=110)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert (slurm_env / "build" / "output1.txt").read_text() == "Hallo from depio"
+    assert (slurm_env / "build" / "final1.txt").exists()
+    jobs = _jobs_of(slurm_env / "slurm")
+    assert len(jobs) == 2, (jobs, out)
+    table = out[out.rfind("Tasks:"):]
+    for jid in jobs:                       # the table shows each task's Slurm id and state
+        assert jid in table, table
+    assert table.count("COMPLETED") == 2, table
+    assert "All jobs done!" in out
+    # the key never sits in a world-readable file, and it is gone after the run
+    assert not list((slurm_env / "slurm").glob(".depio-key-*"))
+    print(f"README example: {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.timeout(120)
+def test_per_task_parameters_env_failure_and_no_sacct(slurm_env, monkeypatch):
+    """Per-task parameters reach sbatch (decorator keywords win over the executor's), a task's
+    exception comes back over ZeroMQ, and depio never calls sacct (one that only fails is first on PATH)."""
+    fake = slurm_env / "fakebin"
+    fake.mkdir()
+    calls = slurm_env / "sacct-calls"
+    (fake / "sacct").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n"
+                                "echo 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n")
+    (fake / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    script = slurm_env / "p.py"
+    script.write_text(textwrap.dedent("""
+        import os, pathlib, sys
+        from typing import Annotated
+        from depio import Pipeline, SubmitItExecutor, Product, task
+
+        @task("ok", slurm_comment="from-the-task")
+        def ok(out: Annotated[pathlib.Path, Product]):
+            out.write_text(os.environ.get("SLURM_JOB_ID", "none"))
+
+        @task("boom")
+        def boom(out: Annotated[pathlib.Path, Product]):
+            print("about to fail")
+            raise ValueError("kaputt")
+
+        p = Pipeline(SubmitItExecutor(folder="slurm", parameters={"slurm_time": 5, "slurm_mem": 100,
+                                                                   "slurm_comment": "from-the-executor"}))
+        p.add_task(ok(pathlib.Path("a.txt")))
+        p.add_task(boom(pathlib.Path("b.txt")))
+        sys.exit(p.run())
+    """))
+    r = run_script(script, slurm_env, timeout=110)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    job_id = (slurm_env / "a.txt").read_text()
+    assert job_id != "none" and job_id in out, out          # it ran in a Slurm job, shown in the table
+    assert "kaputt" in out and "ValueError" in out and "about to fail" in out, out
+    scripts = list((slurm_env / "slurm").glob("*_submission.sh"))
+    assert scripts and all("--comment=from-the-task" in s.read_text() or "--comment" in s.read_text()
+                           for s in scripts)
+    assert any("--comment=from-the-task" in s.read_text() for s in scripts), [s.read_text() for s in scripts]
+    assert any("--time=5" in s.read_text() for s in scripts)
+    assert not calls.exists(), calls.read_text()             # status came over ZeroMQ, not from sacct
+
+
+# ---------------------------------------------------------------- pilots
+
+@pytest.mark.timeout(150)
+def test_200_tasks_on_two_pilots(slurm_env):
+    script = slurm_env / "p.py"
+    name = f"pilot-{os.getpid()}-{int(time.time())}"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from depio import Pipeline, SlurmPilotExecutor, Task
+
+        def square(i):
+            return i * i
+
+        ex = SlurmPilotExecutor(workers=2, slots=1, folder="slurm", idle_timeout=20,
+                                parameters={{"slurm_time": 10, "slurm_job_name": "{name}"}})
+        p = Pipeline(ex, quiet=True)
+        tasks = [p.add_task(Task(f"sq{{i}}", square, [i])) for i in range(200)]
+        code = p.run()
+        assert all(t.result == i * i for i, t in enumerate(tasks))
+        pilots = sorted({{t.slurmid for t in tasks}})
+        print("PILOTS", pilots)
+        sys.exit(code)
+    """))
+    t0 = time.monotonic()
+    r = run_script(script, slurm_env, timeout=140)
+    elapsed = time.monotonic() - t0
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    sbatch_calls = _jobs_of(slurm_env / "slurm")
+    assert 1 <= len(sbatch_calls) <= 2, sbatch_calls         # one job array (a replacement at most)
+    q = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%F|%i|%T"], capture_output=True, text=True)
+    assert len({line.split("|")[0] for line in q.stdout.split()}) == len(sbatch_calls), q.stdout
+    line = next(x for x in out.splitlines() if x.startswith("PILOTS"))
+    assert all("_" in jid for jid in eval(line[len("PILOTS"):])), line   # every task ran in a pilot array task
+    print(f"200 tasks on 2 pilots: {elapsed:.1f} s, {len(sbatch_calls)} sbatch call(s)")
+
+
+@pytest.mark.timeout(150)
+def test_scancel_pilot_mid_task(slurm_env):
+    """A pilot cancelled while it runs a task: the task runs again on another pilot (the launcher
+    replaces the lost one), the run succeeds."""
+    script = slurm_env / "p.py"
+    script.write_text(textwrap.dedent("""
+        import os, pathlib, sys, time
+        from depio import Pipeline, SlurmPilotExecutor, Task
+
+        def work(i):
+            job = os.environ.get("SLURM_ARRAY_JOB_ID", "") + "_" + os.environ.get("SLURM_ARRAY_TASK_ID", "")
+            pathlib.Path(f"started-{i}-{job}").touch()
+            time.sleep(6 if i == 0 else 0.5)
+            return job
+
+        ex = SlurmPilotExecutor(workers=2, slots=1, folder="slurm", idle_timeout=30,
+                                parameters={"slurm_time": 10})
+        p = Pipeline(ex, quiet=True)
+        tasks = [p.add_task(Task(f"w{i}", work, [i])) for i in range(4)]
+        code = p.run()
+        for t in tasks:
+            print("RAN", t.name, t.result, t.attempts)
+        sys.exit(code)
+    """))
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=slurm_env, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        victim = None
+        while time.monotonic() < deadline and victim is None:
+            marks = list(slurm_env.glob("started-0-*"))
+            if marks:
+                victim = marks[0].name.split("-", 2)[2]
+            else:
+                time.sleep(0.2)
+        assert victim, "task 0 never started"
+        subprocess.run(["scancel", victim], check=True)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    ran = [line.split() for line in out.splitlines() if line.startswith("RAN")]
+    w0 = next(x for x in ran if x[1] == "w0")
+    assert w0[2] != victim and int(w0[3]) == 2, (victim, out)     # re-run elsewhere, second attempt
+    st = subprocess.run(["squeue", "-h", "-t", "all", "-j", victim, "-o", "%T"], capture_output=True, text=True)
+    assert "CANCELLED" in st.stdout, st.stdout
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["per-task", "pilot"])
+def test_ctrl_c_cancels_every_job(slurm_env, mode):
+    executor = ('SubmitItExecutor(folder="slurm", parameters={"slurm_time": 10})' if mode == "per-task" else
+                'SlurmPilotExecutor(workers=2, folder="slurm", parameters={"slurm_time": 10})')
+    script = slurm_env / "p.py"
+    script.write_text(textwrap.dedent(f"""
+        import pathlib, sys, time
+        from depio import Pipeline, SubmitItExecutor, SlurmPilotExecutor, Task
+
+        def slow(i):
+            pathlib.Path(f"running-{{i}}").touch()
+            time.sleep(120)
+
+        p = Pipeline({executor}, quiet=True)
+        for i in range(4):
+            p.add_task(Task(f"slow{{i}}", slow, [i]))
+        sys.exit(p.run())
+    """))
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=slurm_env, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list(slurm_env.glob("running-*")):
+            time.sleep(0.2)
+        assert list(slurm_env.glob("running-*")), "no task started"
+        ids = _jobs_of(slurm_env / "slurm")
+        assert ids
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out
+    r = subprocess.run(["squeue", "-h", "-o", "%F|%i|%T"], capture_output=True, text=True, timeout=30)
+    mine = [line for line in r.stdout.splitlines() if line.split("|")[0] in ids]
+    assert not mine, (mine, out)                    # nothing of this run is left in Slurm
+    assert not r.stdout.strip(), r.stdout           # squeue is empty
+    print(f"Ctrl-C ({mode}): pipeline gone {took:.1f} s after SIGINT")
+
+
+# ---------------------------------------------------------------- Slurm kills a per-task job
+
+@pytest.mark.timeout(120)
+def test_per_task_job_killed_by_slurm_fails_with_reason(slurm_env):
+    script = slurm_env / "p.py"
+    script.write_text(textwrap.dedent("""
+        import os, pathlib, sys, time
+        from depio import Pipeline, SubmitItExecutor, Task
+
+        def victim():
+            pathlib.Path("job-" + os.environ["SLURM_JOB_ID"]).touch()
+            time.sleep(120)
+
+        p = Pipeline(SubmitItExecutor(folder="slurm", parameters={"slurm_time": 10}), quiet=False)
+        p.add_task(Task("victim", victim))
+        sys.exit(p.run())
+    """))
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=slurm_env, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list(slurm_env.glob("job-*")):
+            time.sleep(0.2)
+        marks = list(slurm_env.glob("job-*"))
+        assert marks, "the task never started"
+        jid = marks[0].name[4:]
+        t0 = time.monotonic()
+        subprocess.run(["scancel", jid], check=True)
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out
+    assert f"Slurm job {jid} CANCELLED" in out, out
+    assert took < 30, took
