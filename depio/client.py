@@ -144,6 +144,9 @@ class DispatcherClient:
                             self._welcomed.set()
                             lost_reason = f"refused by the dispatcher: {msg.reason}"
                             return
+                        elif isinstance(msg, P.Shutdown):
+                            lost_reason = f"the dispatcher at {self.address} shut down: {msg.reason}"
+                            return
                         elif not isinstance(msg, P.Heartbeat):
                             self.on_message(msg)
                 if self._stop and not events:

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import zmq
 
@@ -131,6 +131,7 @@ class Dispatcher:
         self._error: Optional[BaseException] = None
         self.tasks_done = 0
         self._reports: Dict[int, Tuple[ClientInfo, list, list, list]] = {}
+        self.on_stop_request: Optional[Callable[[str], None]] = None   # a pool lets admins stop it
 
     # ------------------------------------------------------------ life cycle
     def start(self) -> "Dispatcher":
@@ -157,6 +158,10 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._loop, name=f"depio-{self.name}", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, reason: str = "dispatcher stopping", timeout: float = 5.0) -> None:
         if self._thread is None:
@@ -241,6 +246,8 @@ class Dispatcher:
         finally:
             for w in self.workers:
                 self._send_worker(w, P.Shutdown(reason))
+            for c in list(self.clients.values()):
+                self._send_client(c, P.Shutdown(reason))
             self._wsock.close(linger=200)
             self._csock.close(linger=200)
             self._ctl_pull.close(linger=0)
@@ -312,6 +319,7 @@ class Dispatcher:
         self._broadcast_workers(f"worker {w.name} joined")
 
     def _on_report(self, w: WorkerInfo, msg: P.WorkerReport) -> None:
+        w.credits += msg.credits
         for jid, t in msg.started:
             job = self.jobs.get(jid)
             if job is not None and job.worker is w:
@@ -353,6 +361,9 @@ class Dispatcher:
     # ------------------------------------------------------------ clients
     def _on_client_message(self, identity: bytes, msg: object) -> None:
         c = self.clients.get(identity)
+        if isinstance(msg, (P.StatusRequest, P.StopRequest)):
+            self._on_admin(identity, msg)
+            return
         if isinstance(msg, P.ClientHello):
             if c is None:
                 if msg.runtime != P.runtime_signature():
@@ -389,6 +400,19 @@ class Dispatcher:
             self._cancel(c, None if msg.keys is None else set(msg.keys), msg.reason)
         elif isinstance(msg, P.ClientBye):
             self._drop_client(c, f"client {c.name} left: {msg.reason}")
+
+    def _on_admin(self, identity: bytes, msg: object) -> None:
+        if isinstance(msg, P.StatusRequest):
+            reply: object = P.StatusReply(self.snapshot())
+        elif self.on_stop_request is None:
+            reply = P.Refused("this dispatcher belongs to a pipeline; it stops with its run")
+        else:
+            self.on_stop_request(msg.reason or "stop requested")
+            reply = P.StatusReply(self.snapshot())
+        try:
+            self._csock.send_multipart([identity] + P.encode(reply, self.key))
+        except zmq.ZMQError:
+            pass
 
     def _cancel(self, c: ClientInfo, keys: Optional[set], reason: str) -> None:
         if keys is None:

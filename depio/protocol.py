@@ -114,6 +114,7 @@ class RunTasks:
 class WorkerReport:
     started: Tuple[Tuple[int, float], ...] = ()      # (job id, time)
     done: Tuple[Tuple[int, TaskResult], ...] = ()    # (job id, result)
+    credits: int = 0                                 # more tasks it can take (as RequestWork)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,9 +200,28 @@ class ClientBye:
     reason: str = ""
 
 
+# ---------------------------------------------------------------- administration of a pool
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Ask a dispatcher for its workers and clients (`depio pool status`); no hello needed."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    snapshot: Dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequest:
+    """Ask a pool to stop (`depio pool stop`); only a key holder can, as for every message."""
+    reason: str = ""
+
+
 MESSAGE_TYPES = (TaskSpec, TaskResult, Register, Welcome, Refused, RequestWork, RunTasks, WorkerReport,
                  CancelJobs, Heartbeat, Shutdown, Goodbye, Reregister, ClientHello, ClientWelcome, Submit,
-                 CancelTasks, TaskLost, ClientReport, WorkersChanged, ClientBye)
+                 CancelTasks, TaskLost, ClientReport, WorkersChanged, ClientBye, StatusRequest, StatusReply,
+                 StopRequest)
 _MESSAGES = frozenset(t for t in MESSAGE_TYPES if t not in (TaskSpec, TaskResult, TaskLost))
 
 

@@ -119,22 +119,40 @@ class Worker:
         self.dying = [(slot, deadline) for slot, deadline in self.dying if not slot.finish_stop(deadline)]
 
     def _capacity(self) -> int:
-        prefetch = 0 if self.avg_duration > 0.2 else (1 if self.avg_duration > 0.01 else 32)
+        """Tasks this worker wants to hold: its slots, plus a prefetch that only short tasks get."""
+        d = self.avg_duration
+        prefetch = 0 if d > 0.2 else 1 if d > 0.01 else 8 if d > 0.001 else 64
         return self.nslots * (1 + prefetch)
 
     def _held(self) -> int:
         return len(self.queue) + sum(len(s.assigned) for s in self.slots)
 
     def _fill_slots(self) -> None:
+        """Hand queued tasks to slots in batches: one task at a time for long tasks, up to 16 ahead
+        for short ones. A slot that is busy gets no new function (a big pickle must not wait on it)."""
         if not self.queue:
             return
-        depth = 1 if self.avg_duration > 0.01 else 4   # tasks handed to a slot ahead of time
+        d = self.avg_duration
+        depth = 1 if d > 0.01 else 4 if d > 0.001 else 16
         for slot in sorted(self.slots, key=lambda s: len(s.assigned)):
-            while self.queue and len(slot.assigned) < depth:
-                jid, spec = self.queue.popleft()
-                if not slot.assigned:
-                    self.started.append((jid, time.time()))
-                slot.give(jid, spec, self.functions.get(spec.func_digest))
+            room = depth - len(slot.assigned)
+            if room <= 0 or not self.queue:
+                continue
+            batch = []
+            while self.queue and len(batch) < room:
+                if slot.assigned and self.queue[0][1].func_digest not in slot.functions:
+                    break
+                batch.append(self.queue.popleft())
+            if not batch:
+                continue
+            if not slot.assigned:
+                self.started.append((batch[0][0], time.time()))
+            try:
+                slot.give(batch, self.functions)
+            except OSError:
+                self._slot_died(slot)
+            if slot.outbuf:
+                self.slots_changed = True    # poll it for writability
 
     # ------------------------------------------------------------ messages from the dispatcher
     def _on_message(self, msg: object) -> None:
@@ -196,23 +214,34 @@ class Worker:
     # ------------------------------------------------------------ results from slots
     def _on_slot_readable(self, slot: Slot) -> None:
         try:
-            while slot.conn.poll():
-                kind, jid, result = slot.conn.recv()
-                if not slot.assigned or slot.assigned[0][0] != jid:
-                    continue
-                slot.assigned.popleft()
-                if jid in slot.ignored:
-                    slot.ignored.discard(jid)
-                else:
-                    self.done.append((jid, result))
-                duration = result.ended - result.started
-                self.avg_duration = 0.8 * self.avg_duration + 0.2 * duration
-                now = time.time()
-                slot.head_started = now
-                if slot.assigned:
-                    self.started.append((slot.assigned[0][0], now))
+            results = slot.receive()
         except (EOFError, OSError):
             self._slot_died(slot)
+            return
+        if not results:
+            return
+        for jid, result in results:
+            if not slot.assigned or slot.assigned[0][0] != jid:
+                continue
+            slot.assigned.popleft()
+            if jid in slot.ignored:
+                slot.ignored.discard(jid)
+            else:
+                self.done.append((jid, result))
+            self.avg_duration = 0.8 * self.avg_duration + 0.2 * (result.ended - result.started)
+        now = time.time()
+        slot.head_started = now
+        if slot.assigned:
+            self.started.append((slot.assigned[0][0], now))
+
+    def _on_slot_writable(self, slot: Slot) -> None:
+        try:
+            slot.write_pending()
+        except OSError:
+            self._slot_died(slot)
+            return
+        if not slot.outbuf:
+            self.slots_changed = True    # stop polling it for writability
 
     def _slot_died(self, slot: Slot) -> None:
         slot.process.join(1)
@@ -242,16 +271,27 @@ class Worker:
 
     # ------------------------------------------------------------ outgoing
     def _flush(self) -> None:
+        """One report per loop turn: starts, results and new credits together. Credits are granted in
+        chunks (a quarter of the capacity, or whatever brings an idle worker work) so that short tasks
+        travel in batches; a start whose result goes in the same report is not sent separately."""
         if not self.registered:
             return
-        if self.started or self.done:
-            self._send(P.WorkerReport(tuple(self.started), tuple(self.done)))
-            self.started, self.done = [], []
+        want = 0
         if self.stopping is None:
-            want = self._capacity() - self._held() - self.open_credits
-            if want > 0:
-                self.open_credits += want
-                self._send(P.RequestWork(want))
+            capacity = self._capacity()
+            want = capacity - self._held() - self.open_credits
+            if want < max(1, capacity // 4) and (self._held() or self.open_credits):
+                want = 0
+        if not (self.started or self.done or want > 0):
+            return
+        started = self.started
+        if started and self.done:
+            finished = {jid for jid, _ in self.done}
+            started = [item for item in started if item[0] not in finished]
+        self._send(P.WorkerReport(tuple(started), tuple(self.done), max(0, want)))
+        if want > 0:
+            self.open_credits += want
+        self.started, self.done = [], []
 
     def _next_wakeup(self) -> float:
         now = time.monotonic()
@@ -275,7 +315,7 @@ class Worker:
                     poller, by_fd = zmq.Poller(), {}
                     poller.register(self.sock, zmq.POLLIN)
                     for slot in self.slots:
-                        poller.register(slot.fileno(), zmq.POLLIN)
+                        poller.register(slot.fileno(), zmq.POLLIN | (zmq.POLLOUT if slot.outbuf else 0))
                         by_fd[slot.fileno()] = slot
                     self.slots_changed = False
                 wait = self._next_wakeup()
@@ -285,8 +325,12 @@ class Worker:
                 # slots first: a result that is ready is taken before a message (a Reregister after a
                 # suspension) can drop it, so the dispatcher sees it, late, and ignores it knowingly
                 for fd, slot in list(by_fd.items()):
-                    if fd in events and self.slots[slot.index] is slot:
-                        self._on_slot_readable(slot)
+                    ev = events.get(fd, 0)
+                    if ev and self.slots[slot.index] is slot:
+                        if ev & zmq.POLLOUT:
+                            self._on_slot_writable(slot)
+                        if ev & (zmq.POLLIN | zmq.POLLERR) and self.slots[slot.index] is slot:
+                            self._on_slot_readable(slot)
                 if self.sock in events:
                     self._drain_socket()
                 self._check_timeouts()

@@ -2,8 +2,8 @@
 
 A worker runs each task in a child process (a slot) so that a task that holds the GIL, blocks in C
 code, crashes the interpreter or has to be killed on timeout cannot stop the worker's heartbeats
-or take the worker down. A slot runs the tasks it is handed one after another and answers each
-with a `TaskResult` over a pipe.
+or take the worker down. A slot runs the batches of tasks it is handed one after another and sends
+their `TaskResult`s back in batches over a socketpair.
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import sys
 import time
 from collections import deque
-from typing import Deque, Dict, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 import cloudpickle
 
@@ -45,27 +46,44 @@ def _own_process_group(pid: int = 0) -> None:
         pass
 
 
-def _slot_main(conn, worker_name: str, parent_pid: int) -> None:
+FLUSH_AFTER = 0.002     # a slot sends finished results at least this often while it works through a batch
+
+
+def _frame(msg: object) -> bytes:
+    body = pickle.dumps(msg, protocol=5)
+    return len(body).to_bytes(4, "little") + body
+
+
+def _slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
     die_with_parent()
     if os.getppid() != parent_pid:     # the worker died before prctl took effect
         os._exit(1)
     _own_process_group()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the worker's business
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sock.setblocking(True)
+    reader = sock.makefile("rb")
     capture = FdCapture()
     functions: Dict[bytes, object] = {}
     blobs: Dict[bytes, bytes] = {}
     while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
+        head = reader.read(4)
+        if len(head) < 4:
             return
+        msg = pickle.loads(reader.read(int.from_bytes(head, "little")))
         kind = msg[0]
         if kind == "fn":
             blobs[msg[1]] = msg[2]
         elif kind == "run":
-            jid, spec = msg[1], msg[2]
-            conn.send(("done", jid, _run(spec, functions, blobs, capture, worker_name)))
+            # a batch: results go back in batches too, but never held longer than FLUSH_AFTER
+            done: List[Tuple[int, TaskResult]] = []
+            since = time.monotonic()
+            batch = msg[1]
+            for k, (jid, spec) in enumerate(batch):
+                done.append((jid, _run(spec, functions, blobs, capture, worker_name)))
+                if k == len(batch) - 1 or time.monotonic() - since >= FLUSH_AFTER:
+                    sock.sendall(_frame(("done", done)))
+                    done, since = [], time.monotonic()
         elif kind == "stop":
             return
 
@@ -103,33 +121,78 @@ def _run(spec: TaskSpec, functions: Dict, blobs: Dict, capture: FdCapture, worke
 
 
 class Slot:
-    """The worker's handle on one slot process and the tasks it has handed it (head = running)."""
+    """The worker's handle on one slot process and the tasks it has handed it (head = running).
+
+    The channel is a socketpair with length-prefixed pickles. The worker's side never blocks: what
+    the slot has not read yet waits in `outbuf` (the worker polls for writability), so a big
+    function or argument for a slot that is busy cannot stall the worker's heartbeats."""
 
     def __init__(self, ctx, index: int, worker_name: str):
         self.index = index
-        parent, child = ctx.Pipe(duplex=True)
+        parent, child = socket.socketpair()
         self.process = ctx.Process(target=_slot_main, args=(child, worker_name, os.getpid()),
                                    name=f"depio-slot-{index}", daemon=True)
         self.process.start()
         _own_process_group(self.process.pid)
         child.close()
-        self.conn = parent
+        parent.setblocking(False)
+        self.sock = parent
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
         self.assigned: Deque[Tuple[int, TaskSpec]] = deque()
         self.head_started: float = 0.0
         self.functions: set = set()
-        self.ignored: set = set()      # cancelled jobs still queued in the slot's pipe
+        self.ignored: set = set()      # cancelled jobs still queued in the slot
+        self.closed = False
 
     def fileno(self) -> int:
-        return self.conn.fileno()
+        return self.sock.fileno()
 
-    def give(self, jid: int, spec: TaskSpec, function_blob: Optional[bytes]) -> None:
-        if spec.func_digest not in self.functions:
-            self.conn.send(("fn", spec.func_digest, function_blob))
-            self.functions.add(spec.func_digest)
+    def _send(self, msg: object) -> None:
+        self.outbuf += _frame(msg)
+        self.write_pending()
+
+    def write_pending(self) -> None:
+        """Write what the slot's socket takes now; raises OSError if the slot is gone."""
+        while self.outbuf:
+            try:
+                n = self.sock.send(self.outbuf)
+            except BlockingIOError:
+                return
+            del self.outbuf[:n]
+
+    def give(self, tasks: List[Tuple[int, TaskSpec]], functions: Dict[bytes, bytes]) -> None:
+        """Hand a batch to the slot, preceded by any function it has not seen."""
+        for _, spec in tasks:
+            if spec.func_digest not in self.functions:
+                self._send(("fn", spec.func_digest, functions.get(spec.func_digest)))
+                self.functions.add(spec.func_digest)
         if not self.assigned:
             self.head_started = time.time()
-        self.assigned.append((jid, spec))
-        self.conn.send(("run", jid, spec))
+        self.assigned.extend(tasks)
+        self._send(("run", tasks))
+
+    def receive(self) -> List[Tuple[int, TaskResult]]:
+        """Everything the slot has sent so far. Raises EOFError when the slot is gone."""
+        results: List[Tuple[int, TaskResult]] = []
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                raise EOFError("slot closed its end")
+            self.inbuf += chunk
+        buf = self.inbuf
+        pos = 0
+        while len(buf) - pos >= 4:
+            size = int.from_bytes(buf[pos:pos + 4], "little")
+            if len(buf) - pos - 4 < size:
+                break
+            results.extend(pickle.loads(buf[pos + 4:pos + 4 + size])[1])
+            pos += 4 + size
+        del buf[:pos]
+        return results
 
     def deadline(self) -> Optional[float]:
         if not self.assigned:
@@ -160,8 +223,9 @@ class Slot:
         self.close()
 
     def close(self) -> None:
+        self.closed = True
         try:
-            self.conn.close()
+            self.sock.close()
         except OSError:
             pass
 
@@ -172,7 +236,9 @@ class Slot:
             return
         if not self.assigned:
             try:
-                self.conn.send(("stop",))
+                self.sock.setblocking(True)
+                self.sock.settimeout(0.5)
+                self.sock.sendall(bytes(self.outbuf) + _frame(("stop",)))
                 return
             except OSError:
                 pass

@@ -1,0 +1,338 @@
+"""Long-lived worker pools: a dispatcher as a service that many pipelines share.
+
+`depio pool start` runs a `PoolService`: the same `Dispatcher` a pipeline runs in-process, but with
+its client socket on TCP and its own workers (local ones it starts, and any `depio-worker` started
+by hand). Pipelines reach it through `PoolExecutor("name")` or, unchanged, through the environment
+variable `DEPIO_POOL=name`. Each pipeline is a client with its own scheduler; the dispatcher shares
+slots between clients round-robin and drops a client (cancelling its tasks) whose heartbeats stop.
+
+A pool is found through its connection file `~/.depio/pools/<name>.json` (override the folder with
+`DEPIO_HOME`): addresses, pid and the key, readable only by its owner. The key also lives in
+`<name>.key` for `depio-worker --key-file`. Both survive a stop, so a restarted pool binds the same
+addresses with the same key and hand-started workers (`--reconnect`) come back by themselves.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import zmq
+
+from . import protocol as P
+from .Executors import AbstractTaskExecutor
+from .backends import Backend, DispatcherBackend
+from .dispatcher import Dispatcher
+from .launchers import LocalLauncher
+
+log = logging.getLogger("depio.pool")
+
+POOL_ENV = "DEPIO_POOL"
+
+
+def pools_dir() -> Path:
+    return Path(os.environ.get("DEPIO_HOME", "~/.depio")).expanduser() / "pools"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, without a moment where it is readable by others."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _pid_alive(pid: Optional[int]) -> bool:
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+
+@dataclass
+class PoolInfo:
+    """The connection file of a pool."""
+    name: str
+    client_address: str
+    worker_address: str
+    key: str                       # hex
+    key_file: str
+    pid: Optional[int] = None
+    host: str = field(default_factory=platform.node)
+    started: Optional[float] = None
+    log_file: str = ""
+
+    @staticmethod
+    def path_for(name: str) -> Path:
+        return pools_dir() / f"{name}.json"
+
+    def save(self) -> None:
+        _write_private(self.path_for(self.name), json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, name: str) -> "PoolInfo":
+        path = cls.path_for(name) if not name.endswith(".json") else Path(name)
+        try:
+            P.check_key_file(str(path))
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LookupError(f"no pool named {name!r}: start one with `depio pool start --name {name}` "
+                              f"(looked for {path})") from None
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None and self.host == platform.node() and _pid_alive(self.pid)
+
+    @property
+    def key_bytes(self) -> bytes:
+        return P.key_from_hex(self.key)
+
+
+def resolve_pool(spec: str, key_file: Optional[str] = None) -> PoolInfo:
+    """A pool by name, by connection-file path, or by client address (key from `key_file` or $DEPIO_KEY)."""
+    if "://" in spec:
+        key = P.load_key(key_file)
+        if key is None:
+            raise P.KeyRequiredError(f"pool address {spec} given without a key: pass a key file or set "
+                                     f"${P.KEY_ENV}")
+        return PoolInfo(spec, spec, "", key.hex(), key_file or "")
+    return PoolInfo.load(spec)
+
+
+# ---------------------------------------------------------------- the service
+
+class PoolService:
+    """Runs a dispatcher and its local workers until stopped (SIGTERM, SIGINT or `depio pool stop`)."""
+
+    def __init__(self, name: str = "default", host: str = "127.0.0.1", local: int = 0, slots: int = 1,
+                 key_file: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
+                 client_port: Optional[int] = None, worker_port: Optional[int] = None):
+        self.name = name
+        self.host = host
+        self.local = local
+        self.slots = slots
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.stop_reason: Optional[str] = None
+        self._stop = threading.Event()
+        previous = self._previous()
+        self.key = self._key(key_file, previous)
+        self.client_port = client_port or (previous and _port_of(previous.client_address)) or _free_port(host)
+        self.worker_port = worker_port or (previous and _port_of(previous.worker_address)) or _free_port(host)
+
+    def _previous(self) -> Optional[PoolInfo]:
+        try:
+            info = PoolInfo.load(self.name)
+        except LookupError:
+            return None
+        if info.running:
+            raise RuntimeError(f"pool {self.name!r} is already running (pid {info.pid}, {info.client_address}); "
+                               f"stop it with `depio pool stop --name {self.name}`")
+        return info
+
+    def _key(self, key_file: Optional[str], previous: Optional[PoolInfo]) -> bytes:
+        """An explicit key file, else the key of this pool's earlier run (so its workers can come
+        back), else $DEPIO_KEY, else a new key on loopback; off loopback, no key means no start."""
+        if key_file or previous is None:
+            return P.key_for_bind(self._address(0), key_file=key_file)
+        return previous.key_bytes
+
+    def _address(self, port: int) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{port}"
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+        self._stop.set()
+
+    def run(self) -> int:
+        client_address, worker_address = self._address(self.client_port), self._address(self.worker_port)
+        key_path = pools_dir() / f"{self.name}.key"
+        _write_private(key_path, self.key.hex() + "\n")
+        dispatcher = Dispatcher(self.key, worker_address, client_address, heartbeat=self.heartbeat,
+                                liveness=self.liveness, name=f"pool-{self.name}")
+        dispatcher.on_stop_request = self.request_stop
+        try:
+            dispatcher.start()
+        except zmq.ZMQError as e:
+            raise RuntimeError(f"pool {self.name!r} cannot bind {client_address} / {worker_address}: {e}") from None
+        info = PoolInfo(self.name, dispatcher.client_address, dispatcher.worker_address, self.key.hex(),
+                        str(key_path), os.getpid(), started=time.time(),
+                        log_file=os.environ.get("DEPIO_POOL_LOG", ""))
+        launcher = None
+        try:
+            if self.local > 0:
+                launcher = LocalLauncher(self.local, self.slots, self.heartbeat, self.liveness,
+                                         max_restarts=1_000_000)
+                launcher.start(dispatcher.worker_address, self.key)
+            info.save()
+            log.info("pool %s: clients at %s, workers at %s, %d local worker(s)", self.name,
+                     info.client_address, info.worker_address, self.local)
+            print(f"depio pool {self.name!r} running (pid {os.getpid()}): pipelines use "
+                  f"PoolExecutor({self.name!r}) or {POOL_ENV}={self.name}; workers connect to "
+                  f"{info.worker_address} with --key-file {key_path}", flush=True)
+            while not self._stop.wait(0.5):
+                if not dispatcher.alive:
+                    self.request_stop("the dispatcher thread ended")
+        finally:
+            info.pid = None
+            info.save()
+            dispatcher.stop(f"pool {self.name} stopping: {self.stop_reason}")
+            if launcher is not None:
+                launcher.stop()
+        log.info("pool %s stopped: %s", self.name, self.stop_reason)
+        return 0
+
+
+def _port_of(address: str) -> Optional[int]:
+    try:
+        return int(address.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def serve(name: str, **kwargs: Any) -> int:
+    """Run a pool in the foreground of this process; SIGTERM and SIGINT stop it cleanly."""
+    service = PoolService(name, **kwargs)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: service.request_stop(f"signal {signal.Signals(s).name}"))
+    return service.run()
+
+
+def start_detached(name: str, log_file: Optional[str], args: List[str], timeout: float = 20.0) -> PoolInfo:
+    """Start `depio pool start` again in a new session with output to `log_file`; wait until it runs."""
+    log_path = Path(log_file or pools_dir() / f"{name}.log").expanduser()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    before = None
+    try:
+        before = PoolInfo.load(name)
+        if before.running:
+            raise RuntimeError(f"pool {name!r} is already running (pid {before.pid})")
+    except LookupError:
+        pass
+    env = dict(os.environ, DEPIO_POOL_LOG=str(log_path))
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "depio.cli", "pool", "start", "--name", name] + args,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-5:]
+            raise RuntimeError(f"pool {name!r} did not start (exit {proc.returncode}): " + " | ".join(tail))
+        try:
+            info = PoolInfo.load(name)
+            if info.pid == proc.pid:
+                return info
+        except (LookupError, ValueError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"pool {name!r} did not come up within {timeout:g} s; see {log_path}")
+
+
+# ---------------------------------------------------------------- talking to a running pool
+
+def request(info: PoolInfo, msg: object, timeout: float = 5.0) -> object:
+    """One request/answer with a pool's dispatcher over its client socket."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        if "[" in info.client_address:
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.connect(info.client_address)
+        sock.send_multipart(P.encode(msg, info.key_bytes))
+        if not sock.poll(timeout * 1000):
+            raise TimeoutError(f"pool {info.name!r} at {info.client_address} did not answer within {timeout:g} s")
+        return P.decode(sock.recv_multipart(), info.key_bytes, accept_refusal=True)
+    finally:
+        sock.close()
+
+
+def status(spec: str) -> Dict[str, Any]:
+    info = resolve_pool(spec)
+    if "://" not in spec and not info.running:
+        return {"name": info.name, "running": False, "client_address": info.client_address,
+                "worker_address": info.worker_address}
+    reply = request(info, P.StatusRequest())
+    if isinstance(reply, P.Refused):
+        raise RuntimeError(f"pool {info.name!r} refused the status request: {reply.reason}")
+    data = dict(reply.snapshot)
+    data.update(name=info.name, running=True, pid=info.pid, client_address=info.client_address,
+                worker_address=info.worker_address)
+    return data
+
+
+def stop(spec: str, timeout: float = 20.0) -> str:
+    info = resolve_pool(spec)
+    if "://" not in spec and not info.running:
+        return f"pool {info.name!r} is not running"
+    request(info, P.StopRequest("depio pool stop"))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "://" in spec or not _pid_alive(info.pid):
+            return f"pool {info.name!r} stopped"
+        time.sleep(0.05)
+    raise TimeoutError(f"pool {info.name!r} (pid {info.pid}) did not stop within {timeout:g} s")
+
+
+# ---------------------------------------------------------------- the pipeline's side
+
+class PoolExecutor(AbstractTaskExecutor):
+    """Run a pipeline's tasks on a running pool: `PoolExecutor("default")`, a connection file, or a
+    client address (`tcp://host:port`, key from `key_file` or $DEPIO_KEY).
+
+    `wait_for_pool`: seconds a run waits for a pool that went away to come back before its in-flight
+    tasks fail (0: fail at once)."""
+
+    def __init__(self, pool: str = "default", key_file: Optional[str] = None, max_jobs_pending: Optional[int] = None,
+                 max_jobs_queued: Optional[int] = None, retries_on_worker_loss: int = 1,
+                 heartbeat: float = 1.0, liveness: int = 3):
+        super().__init__(max_jobs_pending, max_jobs_queued, retries_on_worker_loss)
+        self.pool = pool
+        self.key_file = key_file
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+
+    def make_backend(self) -> Backend:
+        info = resolve_pool(self.pool, self.key_file)
+        if "://" not in self.pool and not info.running:
+            raise RuntimeError(f"pool {info.name!r} is not running: start it with `depio pool start --name "
+                               f"{info.name} --local N`")
+        return DispatcherBackend(None, address=info.client_address, key=info.key_bytes, heartbeat=self.heartbeat,
+                                 liveness=self.liveness, name=f"pipeline pid {os.getpid()}")
+
+    def describe(self) -> str:
+        return f"PoolExecutor({self.pool!r})"
+
+
+def executor_from_environment() -> Optional[PoolExecutor]:
+    """`DEPIO_POOL=name` (or an address) makes an unchanged script run on that pool."""
+    spec = os.environ.get(POOL_ENV, "").strip()
+    return PoolExecutor(spec) if spec else None
