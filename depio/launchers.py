@@ -114,9 +114,10 @@ class LocalLauncher:
         with self._lock:
             return [p.pid for p in self.procs if p.poll() is None]
 
-    def stop(self, grace: float = 3.0) -> None:
-        """Workers were told to shut down by the dispatcher; give them `grace` seconds, then
-        SIGTERM, then SIGKILL, each by PID."""
+    def stop(self, grace: float = 0.5) -> None:
+        """Workers were told to shut down by the dispatcher; give them `grace` seconds, then SIGTERM
+        (a worker still starting up never heard the Shutdown; SIGTERM stops it cleanly too), then
+        SIGKILL, each by PID."""
         with self._lock:
             self._stopping = True
             procs = list(self.procs)
