@@ -20,6 +20,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
 import cloudpickle
+import pykka
 
 from . import protocol as P
 from .scheduler import BackendFailed
@@ -75,6 +76,7 @@ class DispatcherBackend(Backend):
         self.dispatcher = None
         self.client = None
         self._started = False
+        self._closing = False
         self._lock = threading.Lock()
 
     def _start(self) -> None:
@@ -83,18 +85,33 @@ class DispatcherBackend(Backend):
         if self.pool_address is None:
             self.dispatcher = Dispatcher(self.key, self.bind_address, heartbeat=self.heartbeat,
                                          liveness=self.liveness).start()
-            address = self.dispatcher.client_address
+            self.client = self.dispatcher.attach_local(self.name, self._deliver)
         else:
-            address = self.pool_address
-        self.client = DispatcherClient(address, self.key, self.name, self.scheduler.tell, self._lost,
-                                       heartbeat=self.heartbeat, liveness=self.liveness).start()
+            self.client = DispatcherClient(self.pool_address, self.key, self.name, self.scheduler.tell, self._lost,
+                                           heartbeat=self.heartbeat, liveness=self.liveness).start()
         if self.launcher is not None:
             self.launcher.on_all_gone = self._lost
-            self.launcher.start(self.dispatcher.worker_address if self.dispatcher else address, self.key)
+            self.launcher.start(self.dispatcher.worker_address if self.dispatcher else self.pool_address, self.key)
         self._started = True
 
+    def _deliver(self, msg: object) -> None:
+        """From our own dispatcher's thread: what the scheduler needs, handed over without pickling."""
+        if isinstance(msg, (P.ClientReport, P.WorkersChanged)):
+            if not self._closing:
+                try:
+                    self.scheduler.tell(msg)
+                except pykka.ActorDeadError:
+                    pass
+        elif isinstance(msg, P.Shutdown):
+            self._lost(f"the dispatcher shut down: {msg.reason}")
+
     def _lost(self, reason: str) -> None:
-        self.scheduler.tell(BackendFailed(reason))
+        if self._closing:
+            return
+        try:
+            self.scheduler.tell(BackendFailed(reason))
+        except pykka.ActorDeadError:
+            pass
 
     def submit(self, specs, functions) -> None:
         if not self._started:
@@ -106,6 +123,7 @@ class DispatcherBackend(Backend):
             self.client.send(P.CancelTasks(None if keys is None else tuple(keys), reason))
 
     def close(self) -> None:
+        self._closing = True
         if self.client is not None:
             self.client.close()
         if self.dispatcher is not None:
