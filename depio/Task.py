@@ -156,9 +156,12 @@ def _as_paths(value: Any) -> List[Path]:
     return [Path(value)]
 
 
+_SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
+
+
 def _freeze(value: Any) -> Any:
     """A hashable stand-in for an argument value, equal exactly when the values are equal."""
-    if isinstance(value, (str, int, float, bool, bytes)) or value is None:
+    if type(value) in _SCALARS:
         return value
     if isinstance(value, PurePath):
         return ('path', str(value))
@@ -193,17 +196,21 @@ class Task:
                  timeout: Optional[float] = None):
         self.name = name
         self.func = func
-        self.func_args: List = list(func_args or [])
-        self.func_kwargs: Dict = dict(func_kwargs or {})
+        self.func_args: List = list(func_args) if func_args else []
+        self.func_kwargs: Dict = dict(func_kwargs) if func_kwargs else {}
         self.buildmode = buildmode
-        self.slurm_parameters: Dict = dict(slurm_parameters or {})
-        self.description = description or ""
-        self.retries = int(retries)
-        self.timeout = None if timeout is None else float(timeout)
-        if self.retries < 0:
-            raise ValueError(f"Task {name}: retries must be >= 0, got {retries}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"Task {name}: timeout must be > 0 seconds, got {timeout}")
+        if slurm_parameters:
+            self._slurm_parameters = dict(slurm_parameters)
+        if description:
+            self.description = description
+        if retries:
+            if int(retries) < 0:
+                raise ValueError(f"Task {name}: retries must be >= 0, got {retries}")
+            self.retries = int(retries)
+        if timeout is not None:
+            if float(timeout) <= 0:
+                raise ValueError(f"Task {name}: timeout must be > 0 seconds, got {timeout}")
+            self.timeout = float(timeout)
 
         if arg_resolver is not None:
             self.func_args, self.func_kwargs = arg_resolver(self.func, self.func_args, self.func_kwargs)
@@ -217,64 +224,80 @@ class Task:
         self.cleaned_args: Dict[str, Any] = (
             {k: v for k, v in args_dict.items() if k not in plan.ignored} if plan.ignored else args_dict)
 
-        # products and dependencies, with the argument each came from (for error messages)
-        self.products: List[Path] = []
-        self._product_args: List[Optional[str]] = []
-        for n in plan.products:
-            for p in _as_paths(args_dict.get(n)):
-                self.products.append(p)
-                self._product_args.append(n)
-        for p in _as_paths(produces):
-            self.products.append(p)
-            self._product_args.append(None)
-        self.dependencies: List[Union[Path, Task]] = []
-        self._dependency_args: List[Optional[str]] = []
-        for n in plan.dependencies:
-            for p in _as_paths(args_dict.get(n)):
-                self.dependencies.append(p)
-                self._dependency_args.append(n)
-        for d in depends_on or []:
-            self.dependencies.append(d if isinstance(d, Task) else Path(d))
-            self._dependency_args.append(None)
-
-        # filled by Pipeline._solve_order
+        self._plan = plan
+        # set later (by add_task and the resolver); assigned here so that every task's attribute
+        # dict has one layout from the start (growing 100,000 dicts later costs ~400 B each)
+        self._hash: Optional[int] = None
+        self._queue_id: Optional[int] = None
         self.task_dependencies: Optional[List[Task]] = None
         self.path_dependencies: Optional[List[Path]] = None
         self.dependent_tasks: List[Task] = []
+        self.products: List[Path] = [p for n in plan.products for p in _as_paths(args_dict.get(n))]
+        if produces:
+            self.products += _as_paths(produces)
+        self.dependencies: List[Union[Path, Task]] = [p for n in plan.dependencies
+                                                      for p in _as_paths(args_dict.get(n))]
+        for d in depends_on or ():
+            self.dependencies.append(d if isinstance(d, Task) else Path(d))
 
-        # run state, written by the scheduler
-        self._queue_id: Optional[int] = None
-        self._status: TaskStatus = TaskStatus.WAITING
-        self._slurmid: str = ""
-        self._slurmstate: str = ""
-        self._stdout: str = ""
-        self._stderr: str = ""
-        self.start_time: Optional[float] = None
-        self.end_time: Optional[float] = None
-        self.reason: str = ""          # why the task ran, was skipped, or failed
-        self.error: Optional[Dict[str, str]] = None   # type, message, traceback of a failure
-        self._result: Any = None       # the function's return value, when it could be sent back
-        self._result_blob: Optional[bytes] = None
-        self.attempts: int = 0
-        self.worker: str = ""
+    # Options and run state live in class-level defaults until set: a pipeline of 100,000 tasks
+    # should not pay a dozen instance attributes per task before anything has happened.
+    description: str = ""
+    retries: int = 0
+    timeout: Optional[float] = None
+    _slurm_parameters: Optional[Dict] = None
+    task_dependencies: Optional[List['Task']] = None      # filled by Pipeline._solve_order
+    path_dependencies: Optional[List[Path]] = None
+    dependent_tasks: List['Task'] = ()  # type: ignore[assignment]
+    _queue_id: Optional[int] = None
+    _status: TaskStatus = TaskStatus.WAITING
+    _slurmid: str = ""
+    _slurmstate: str = ""
+    _stdout: str = ""
+    _stderr: str = ""
+    start_time: Optional[float] = None
+    end_time: Optional[float] = None
+    reason: str = ""                        # why the task ran, was skipped, or failed
+    error: Optional[Dict[str, str]] = None  # kind, type, message, traceback, summary of a failure
+    _result: Any = None                     # the function's return value, when it could be sent back
+    _result_blob: Optional[bytes] = None
+    attempts: int = 0
+    worker: str = ""
+    _hash: Optional[int] = None
 
-        self._eq_key = None
+    @property
+    def slurm_parameters(self) -> Dict:
+        """This task's Slurm parameters (override the executor's); created on first use."""
+        if self._slurm_parameters is None:
+            self._slurm_parameters = {}
+        return self._slurm_parameters
+
+    @slurm_parameters.setter
+    def slurm_parameters(self, value: Dict) -> None:
+        self._slurm_parameters = dict(value or {})
+
+    def argument_of(self, path: Path, kind: str = "product") -> Optional[str]:
+        """The name of the argument a product (or dependency) path came from, for error messages."""
+        names = self._plan.products if kind == "product" else self._plan.dependencies
+        return next((n for n in names if path in _as_paths(self._args_dict.get(n))), None)
 
     # ------------------------------------------------------------ identity
     def _key(self):
-        if self._eq_key is None:
-            self._eq_key = (self.func, frozenset((k, _freeze(v)) for k, v in self.cleaned_args.items()))
-        return self._eq_key
+        """What makes two tasks equal: the function and the arguments not marked IgnoredForEq.
+        Not cached (only its hash is): it would cost hundreds of bytes per task."""
+        return (self.func, frozenset((k, _freeze(v)) for k, v in self.cleaned_args.items()))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Task):
             return NotImplemented
         if self is other:
             return True
-        return self._key() == other._key()
+        return self.func == other.func and hash(self) == hash(other) and self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        if self._hash is None:
+            self._hash = hash(self._key())
+        return self._hash
 
     def __str__(self) -> str:
         return f"Task:{self.name}"
@@ -413,6 +436,8 @@ class Task:
         return self._slurmstate
 
     def add_dependent_task(self, task: 'Task') -> None:
+        if not isinstance(self.dependent_tasks, list):
+            self.dependent_tasks = []
         self.dependent_tasks.append(task)
 
 

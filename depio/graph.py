@@ -19,11 +19,13 @@ from .Task import Task
 
 
 def path_key(p: Path) -> str:
-    """Two spellings of one file (`build/a`, `./build/a`, absolute) must meet in the indexes."""
+    """Two spellings of one file (`build/a`, `./build/a`, absolute) must meet in the indexes.
+    A Path's string has no `.` or doubled `/` left, so only `..` needs normpath (the fast path
+    matters with 100,000 tasks)."""
     s = os.fspath(p)
-    if not s.startswith("/"):
-        s = os.getcwd() + "/" + s
-    return os.path.normpath(s)
+    if s[:1] != "/":
+        s = os.getcwd().rstrip("/") + "/" + s
+    return os.path.normpath(s) if ".." in s or not isinstance(p, Path) else s
 
 
 class Graph:
@@ -32,10 +34,9 @@ class Graph:
     def __init__(self, tasks: Sequence[Task]):
         self.tasks: List[Task] = list(tasks)
         n = len(self.tasks)
-        self.deps: List[List[int]] = [[] for _ in range(n)]
-        self.dependents: List[List[int]] = [[] for _ in range(n)]
-        self.path_deps: List[Tuple[str, ...]] = [() for _ in range(n)]
-        self.products: List[Tuple[str, ...]] = [() for _ in range(n)]
+        # edges by task index; a task without edges shares the empty tuple (100,000 lists add up)
+        self.deps: List[Sequence[int]] = [()] * n
+        self.dependents: List[Sequence[int]] = [()] * n
         self.func_digest: List[bytes] = [b""] * n
         self.functions: Dict[bytes, bytes] = {}
         self.payloads: List[Optional[bytes]] = [None] * n
@@ -53,7 +54,8 @@ def resolve(tasks: Sequence[Task], producers: Dict[str, Task], check_inputs: boo
     for i, t in enumerate(g.tasks):
         task_deps: List[Task] = []
         path_deps: List[Path] = []
-        seen = set()
+        dep_indices: List[int] = []
+        seen: Optional[set] = set() if len(t.dependencies) > 8 else None   # membership by scan when small
         for n, d in enumerate(t.dependencies):
             if isinstance(d, Task):
                 dep = d
@@ -62,23 +64,28 @@ def resolve(tasks: Sequence[Task], producers: Dict[str, Task], check_inputs: boo
                 dep = producers.get(path_key(d))
                 if dep is None:
                     if check_inputs and not d.exists():
-                        arg = t._dependency_args[n]
+                        arg = t.argument_of(d, 'dependency')
                         where = f"argument '{arg}'" if arg else "depends_on"
                         missing.append(f"Task {t.label}: {where} = {str(d)!r} does not exist and no task produces it")
                     continue
             j = index.get(id(dep))
-            if j is None or j == i or j in seen:
+            if j is None or j == i or (j in seen if seen is not None else j in dep_indices):
                 continue
-            seen.add(j)
+            if seen is not None:
+                seen.add(j)
+            dep_indices.append(j)
             task_deps.append(dep)
-            g.deps[i].append(j)
-            g.dependents[j].append(i)
+            if g.dependents[j]:
+                g.dependents[j].append(i)   # type: ignore[union-attr]
+            else:
+                g.dependents[j] = [i]
+        if dep_indices:
+            g.deps[i] = dep_indices
         t.task_dependencies = task_deps
         t.path_dependencies = path_deps
-        g.path_deps[i] = tuple(str(p) for p in path_deps)
-        g.products[i] = tuple(str(p) for p in t.products)
     for j, t in enumerate(g.tasks):
-        t.dependent_tasks = [g.tasks[i] for i in g.dependents[j]]
+        if g.dependents[j] or t.dependent_tasks:
+            t.dependent_tasks = [g.tasks[i] for i in g.dependents[j]]
     if missing:
         raise DependencyNotAvailableException(
             f"{len(missing)} input(s) missing:\n  " + "\n  ".join(missing[:50])

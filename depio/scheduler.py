@@ -176,7 +176,8 @@ class SchedulerActor(pykka.ThreadingActor):
         if d not in self.sent_functions:
             self.sent_functions.add(d)
             functions[d] = g.functions[d]
-        return P.TaskSpec(i, self.attempt[i], t.label, d, g.payloads[i], g.products[i], g.path_deps[i], t.timeout)
+        return P.TaskSpec(i, self.attempt[i], t.label, d, g.payloads[i], tuple(map(str, t.products)),
+                          tuple(map(str, t.path_dependencies or ())), t.timeout)
 
     def t_start(self, key: int, attempt: int, when: float, worker: str) -> None:
         if self.attempt[key] != attempt or self.status[key] is not PENDING:
