@@ -6,17 +6,19 @@ import os
 import signal
 import sys
 import threading
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .BuildMode import BuildMode
 from .Executors import AbstractTaskExecutor, ParallelExecutor, SequentialExecutor
 from .Task import Task
 from .TaskStatus import TaskStatus, SUCCESSFUL_TERMINAL_STATES
-from .display import Display
+from .backends import InlineBackend
+from .display import Display, KeyReader, render_dry_run
+from .logs import LogWriter, RunLogs
 from .exceptions import (DependencyNotAvailableException, ProductAlreadyRegisteredException,
                          TaskNotInQueueException, CyclicDependencyException, TaskNotPicklableException)
 from .graph import Graph, path_key, pickle_payloads, resolve
-from .scheduler import Cancel, Limits, SchedulerActor, Start
+from .scheduler import Cancel, Limits, Pause, SchedulerActor, Start
 
 log = logging.getLogger("depio.pipeline")
 
@@ -35,46 +37,55 @@ class Pipeline:
         self.quiet = quiet
         self.refreshrate = refreshrate
         self.tasks: List[Task] = []
-        self._by_key: Dict[object, Task] = {}           # dedup index: (function, cleaned arguments)
+        self._by_hash: Dict[int, object] = {}           # dedup index: hash -> task (or tasks, on a collision)
         self._producers: Dict[str, Task] = {}           # product path -> task
-        self._ids: Dict[int, Task] = {}                  # id(task) -> registered task
         self._graph: Optional[Graph] = None
 
     # ------------------------------------------------------------ building
+    def _registered(self, task: Task) -> bool:
+        q = task._queue_id
+        return q is not None and q <= len(self.tasks) and self.tasks[q - 1] is task
+
     def add_task(self, task: Task) -> Task:
         """Register a task, or return the equal task registered before (same function and arguments)."""
-        if id(task) in self._ids:
+        if self._registered(task):
             return task
         try:
-            earlier = self._by_key.get(task._key())
+            h = hash(task)
         except TypeError:            # an argument that cannot be hashed even in frozen form
-            earlier = next((t for t in self.tasks if t == task), None)
-        if earlier is not None:
-            return earlier
+            h = None
+        bucket = self._by_hash.get(h) if h is not None else self.tasks
+        if bucket is not None:
+            for earlier in (bucket if isinstance(bucket, list) else (bucket,)):
+                if earlier == task:
+                    return earlier
         for d in task.dependencies:
-            if isinstance(d, Task) and id(d) not in self._ids:
+            if isinstance(d, Task) and not self._registered(d):
                 raise TaskNotInQueueException(
                     f"Task {task.name}: depends_on names task {d.name!r}, which was not added to the pipeline "
                     f"first (add it, and use the task add_task returns)")
-        keys = []
-        for n, p in enumerate(task.products):
-            k = path_key(p)
+        keys = [path_key(p) for p in task.products]
+        for p, k in zip(task.products, keys):
             other = self._producers.get(k)
             if other is not None and other is not task:
-                arg = task._product_args[n]
+                arg = task.argument_of(p)
                 where = f" (argument '{arg}')" if arg else ""
                 raise ProductAlreadyRegisteredException(
                     f"Task {task.name}: product {str(p)!r}{where} is already produced by task {other.label}")
-            keys.append(k)
+        if len(set(keys)) != len(keys):
+            raise ProductAlreadyRegisteredException(f"Task {task.name}: names the same product twice: "
+                                                    f"{[str(p) for p in task.products]}")
         for k in keys:
             self._producers[k] = task
         self.tasks.append(task)
         task._queue_id = len(self.tasks)
-        self._ids[id(task)] = task
-        try:
-            self._by_key[task._key()] = task
-        except TypeError:
-            pass
+        if h is not None:
+            if bucket is None:
+                self._by_hash[h] = task
+            elif isinstance(bucket, list):
+                bucket.append(task)
+            else:
+                self._by_hash[h] = [bucket, task]
         self._graph = None
         return task
 
@@ -96,38 +107,84 @@ class Pipeline:
     # ------------------------------------------------------------ running
     def _executor(self) -> AbstractTaskExecutor:
         ex = self.depioExecutor
+        if ex is None or (type(ex) is ParallelExecutor and ex.internal_executor is None):
+            # DEPIO_POOL=name: an unchanged script runs on that pool instead of local workers
+            from .pool import executor_from_environment
+            pooled = executor_from_environment()
+            if pooled is not None:
+                return pooled
         if ex is None:
             ex = self.depioExecutor = ParallelExecutor()
         return ex
 
-    def run(self) -> int:
+    def run(self, dry_run: Optional[bool] = None) -> int:
         """Run what is missing or stale, in dependency order; 0 when every task ended FINISHED or
-        SKIPPED, 1 otherwise. Never calls exit()."""
+        SKIPPED, 1 otherwise. Never calls exit().
+
+        `dry_run=True` (or the environment variable `DEPIO_DRY_RUN=1`, which works on an unchanged
+        script) runs nothing: it shows which tasks would run and why, and which would be skipped."""
+        if dry_run is None:
+            dry_run = _env_flag(DRY_RUN_ENV)
+        if dry_run:
+            return self._dry_run()
         executor = self._executor()
         g = self.validate()
         for t in self.tasks:
             t._status, t.reason, t.error, t.start_time, t.end_time, t.attempts = \
                 TaskStatus.WAITING, "", None, None, None, 0
+            t.stdout_path = t.stderr_path = None
+        backend = executor.make_backend() if self.tasks else None
+        inline = isinstance(backend, InlineBackend)   # tasks print to this terminal; pdb needs stdin
+        stdout_tty = _isatty(sys.stdout)
+        live = stdout_tty and not inline and not self.quiet
         display = Display(self.tasks, quiet=self.quiet, clear_screen=self.clear_screen,
-                          hide_successful=self.hide_successful_terminated_tasks, refreshrate=self.refreshrate)
+                          hide_successful=self.hide_successful_terminated_tasks, refreshrate=self.refreshrate,
+                          name=self.name, live=live, keys=live and _isatty(sys.stdin))
         if not self.tasks:
             display.final(0)
             return 0
-        backend = executor.make_backend()
+        logs = RunLogs()
+        logs.open()
+        display.log_folder = logs.folder
+        writer = LogWriter(logs, self.tasks)
         done = threading.Event()
         limits = Limits(executor.max_jobs_queued, executor.max_jobs_pending, executor.retries_on_worker_loss)
         scheduler = SchedulerActor.start(g, backend, done, limits)
         backend.bind(scheduler, g)
         interrupted = False
+        quit_by_key = []
+
+        def on_key(ch: str) -> None:
+            ch = ch.lower()
+            if ch == "p" and not display.paused:
+                scheduler.tell(Pause(True))
+                display.paused = True
+            elif ch == "r" and display.paused:
+                scheduler.tell(Pause(False))
+                display.paused = False
+            elif ch == "q" and not quit_by_key:
+                quit_by_key.append(True)
+                display.note = "quitting: cancelling the run ..."
+                scheduler.tell(Cancel("quit by the user (key q)"))
+            else:
+                return
+            display.refresh()
+
+        keys = KeyReader(on_key) if display.keys else None
         previous = _install_sigterm()
         try:
+            if keys is not None and not keys.start():
+                display.keys, keys = False, None
+            display.start()
             scheduler.tell(Start())
             while not backend.wait(done, self.refreshrate):
                 if not scheduler.is_alive():
                     break
+                writer.poll()
                 display.refresh()
         except KeyboardInterrupt:
             interrupted = True
+            display.close()
             if not self.quiet:
                 print("\nInterrupted: cancelling the run ...", file=sys.stderr, flush=True)
             try:
@@ -136,6 +193,9 @@ class Pipeline:
             except Exception:
                 pass
         finally:
+            if keys is not None:
+                keys.stop()
+            display.close()
             try:
                 scheduler.stop(timeout=10)
             except Exception:
@@ -145,10 +205,48 @@ class Pipeline:
         for t in self.tasks:      # the scheduler died: nothing may stay non-terminal
             if not t.is_in_terminal_state:
                 t._status, t.reason = TaskStatus.CANCELED, t.reason or "the run ended before this task"
-        ok = all(t._status in SUCCESSFUL_TERMINAL_STATES for t in self.tasks) and not interrupted
+        writer.poll(final=True)
+        ok = all(t._status in SUCCESSFUL_TERMINAL_STATES for t in self.tasks) and not interrupted \
+            and not quit_by_key
         code = 0 if ok else 1
         display.final(code)
         return code
+
+    def explain(self) -> List[Tuple[Task, Optional[str]]]:
+        """For each task, in registration order: why it would run now, or None if it would be
+        skipped. Runs nothing and touches no file (what a dry run prints)."""
+        g = self.validate()
+        would = [False] * len(g)
+        decisions: List[Optional[str]] = [None] * len(g)
+        indeg = [len(d) for d in g.deps]
+        order = [i for i, n in enumerate(indeg) if n == 0]
+        k = 0
+        while k < len(order):          # topological order: upstream decisions are known first
+            i = order[k]
+            k += 1
+            t = g.tasks[i]
+            try:
+                reason = t.run_reason(any(would[j] for j in g.deps[i]))
+            except Exception as e:
+                reason = f"cannot decide: {e}"
+            if reason == "an upstream task ran":
+                reason = "an upstream task would run"
+            decisions[i] = reason
+            would[i] = reason is not None
+            t.reason = reason if reason is not None else (
+                "up to date" if t.products and t.buildmode != BuildMode.NEVER else f"build mode {t.buildmode.name}")
+            for j in g.dependents[i]:
+                indeg[j] -= 1
+                if indeg[j] == 0:
+                    order.append(j)
+        return list(zip(g.tasks, decisions))
+
+    def _dry_run(self) -> int:
+        plan = self.explain()
+        if not self.quiet:
+            text = render_dry_run([t for t, _ in plan], [r for _, r in plan], color=_isatty(sys.stdout))
+            print(text, flush=True)
+        return 0
 
     def exit_with_failed_tasks(self) -> int:
         return 1 if any(t.is_in_failed_terminal_state for t in self.tasks) else 0
@@ -168,6 +266,20 @@ def _install_sigterm():
 def _restore_sigterm(previous) -> None:
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+
+DRY_RUN_ENV = "DEPIO_DRY_RUN"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 __all__ = ["Pipeline", "Task", "BuildMode", "ProductAlreadyRegisteredException", "TaskNotInQueueException",

@@ -1,25 +1,129 @@
-"""`depio`: the command line (keys, versions; pools come with `depio pool`)."""
+"""`depio`: the command line (dry runs, task logs, pools, keys, versions).
+
+Every error is one line on stderr (`depio: error: ...`) and exit code 2; no tracebacks.
+"""
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import List, Optional
 
-from . import protocol as P
-
 EXAMPLES = """examples:
-  depio key ~/.depio/cluster.key      write a new protocol key (mode 600) for non-loopback use
-  depio info                           versions that workers and pipelines must share
-  depio-worker --help                  the worker that runs tasks on compute nodes
+  depio explain pipeline.py            dry run of an unchanged script (same as DEPIO_DRY_RUN=1 python pipeline.py)
+  depio logs                           the log files of the latest run (.depio/logs/latest)
+  depio logs 3                         print stdout and stderr of task 3 of the latest run
+  depio logs --run 20250101-120000-42 train
+                                       task "train" of an earlier run
+  depio pool start --local 4 --detach  a worker pool in the background; pipelines use DEPIO_POOL=default
+  depio pool status                    its workers and clients (--json for scripts)
+  depio key ~/.depio/cluster.key       write a new key (mode 600) for non-loopback use
+  depio info                           versions (protocol, Python, cloudpickle)
+  depio-worker --help                  the worker that runs tasks (local or on compute nodes)
+
+environment:
+  DEPIO_DRY_RUN=1      run() shows the plan and runs nothing
+  DEPIO_LOG_DIR=DIR    where per-task logs go (default .depio/logs; "off" disables them)
+  DEPIO_LOG_KEEP=N     run folders kept (default 20)
+  DEPIO_ADDRESS=HOST   the address Slurm jobs connect back to
 """
 
 
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see depio --help)\n")
+
+
+# ---------------------------------------------------------------- explain (dry run)
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    script = Path(args.script)
+    if not script.is_file():
+        raise CliError(f"no such script: {script}")
+    env = dict(os.environ)
+    env["DEPIO_DRY_RUN"] = "1"
+    try:
+        return subprocess.call([sys.executable, str(script)] + list(args.args), env=env)
+    except KeyboardInterrupt:
+        return 1
+
+
+# ---------------------------------------------------------------- logs
+
+def _run_folder(args: argparse.Namespace) -> Path:
+    from .logs import list_runs, log_root
+    root = Path(args.dir).expanduser() if args.dir else log_root()
+    if root is None:
+        raise CliError("log files are off (DEPIO_LOG_DIR=off)")
+    if not root.is_dir():
+        raise CliError(f"no logs at {root} (run a pipeline first, or pass --dir)")
+    if args.run:
+        folder = root / args.run
+        if not folder.is_dir():
+            raise CliError(f"no run {args.run!r} in {root} (depio logs --runs lists them)")
+        return folder
+    latest = root / "latest"
+    if latest.is_dir():
+        return latest.resolve()
+    if latest.is_file():       # file systems without symlinks: the name is written in it
+        folder = root / latest.read_text().strip()
+        if folder.is_dir():
+            return folder
+    runs = list_runs(root)
+    if not runs:
+        raise CliError(f"no runs in {root}")
+    return runs[-1]
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from .logs import list_runs, log_root
+    if args.runs:
+        root = Path(args.dir).expanduser() if args.dir else log_root()
+        if root is None or not root.is_dir():
+            raise CliError(f"no logs at {root}")
+        for r in list_runs(root):
+            print(r.name)
+        return 0
+    folder = _run_folder(args)
+    files = sorted(folder.iterdir(), key=lambda p: (_id_of(p.name), p.suffix != ".out", p.name))
+    if not args.task:
+        print(f"{folder}:")
+        for f in files:
+            print(f"  {f.name}  ({f.stat().st_size} bytes)")
+        if not files:
+            print("  (no task printed anything)")
+        return 0
+    want = args.task
+    chosen = [f for f in files if want.isdigit() and _id_of(f.name) == int(want)
+              or not want.isdigit() and f.stem.split("-", 1)[-1] == want]
+    if not chosen:
+        raise CliError(f"no log file of task {want!r} in {folder} (a task that printed nothing has none)")
+    for f in chosen:
+        which = "stdout" if f.suffix == ".out" else "stderr"
+        print(f"==> {f} ({which}) <==")
+        sys.stdout.write(f.read_text(errors="replace"))
+        sys.stdout.flush()
+    return 0
+
+
+def _id_of(name: str) -> int:
+    head = name.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+# ---------------------------------------------------------------- key, info
+
 def _cmd_key(args: argparse.Namespace) -> int:
+    from . import protocol as P
     path = os.path.expanduser(args.file)
     if os.path.exists(path) and not args.force:
-        print(f"depio: {path} exists; pass --force to replace it", file=sys.stderr)
-        return 2
+        raise CliError(f"{path} exists; pass --force to replace it")
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -31,6 +135,7 @@ def _cmd_key(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from . import __version__
+    from . import protocol as P
     print(f"depio {__version__}")
     for k, v in P.runtime_signature().items():
         print(f"{k}: {v}")
@@ -38,9 +143,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="depio", description="depio: run research pipelines like make.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p = _Parser(prog="depio", description="depio: run research pipelines like make, locally or on Slurm.",
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    e = sub.add_parser("explain", help="dry run: which tasks a script would run and why (runs nothing)",
+                       description="Run SCRIPT with DEPIO_DRY_RUN=1: Pipeline.run() prints the plan and "
+                                   "runs no task.")
+    e.add_argument("script", help="the pipeline script")
+    e.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    e.set_defaults(func=_cmd_explain)
+    lg = sub.add_parser("logs", help="list or print per-task log files (default: the latest run)",
+                        description="Task logs live in .depio/logs/<run-id>/<id>-<name>.out/.err "
+                                    "($DEPIO_LOG_DIR moves them); .depio/logs/latest is the latest run.")
+    lg.add_argument("task", nargs="?", help="a task id or name: print its stdout and stderr")
+    lg.add_argument("--run", help="a run id (folder name) instead of the latest run")
+    lg.add_argument("--runs", action="store_true", help="list the runs kept")
+    lg.add_argument("--dir", help="the logs folder [$DEPIO_LOG_DIR or .depio/logs]")
+    lg.set_defaults(func=_cmd_logs)
+    from .pool import add_pool_commands           # `depio pool start|status|stop` (depio/pool.py)
+    add_pool_commands(sub)
     k = sub.add_parser("key", help="write a new protocol key file (mode 600)")
     k.add_argument("file", help="where to write it")
     k.add_argument("--force", action="store_true", help="replace an existing file")
@@ -58,8 +179,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (OSError, ValueError) as e:
-        print(f"depio: {e}", file=sys.stderr)
+    except CliError as e:
+        print(f"depio: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("depio: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:      # anything else: still one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if isinstance(e, (LookupError, RuntimeError, TimeoutError, OSError, ValueError)) and msg:
+            print(f"depio: error: {msg}", file=sys.stderr)
+        else:
+            print(f"depio: error: {type(e).__name__}{': ' + msg if msg else ''}", file=sys.stderr)
         return 2
 
 
