@@ -336,3 +336,89 @@ def executor_from_environment() -> Optional[PoolExecutor]:
     """`DEPIO_POOL=name` (or an address) makes an unchanged script run on that pool."""
     spec = os.environ.get(POOL_ENV, "").strip()
     return PoolExecutor(spec) if spec else None
+
+
+# ---------------------------------------------------------------- `depio pool ...`
+
+def _fmt_time(t: Optional[float]) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else ""
+
+
+def _cmd_start(args) -> int:
+    extra = ["--local", str(args.local), "--slots", str(args.slots), "--host", args.host,
+             "--heartbeat", str(args.heartbeat)]
+    if args.key_file:
+        extra += ["--key-file", args.key_file]
+    if args.detach:
+        info = start_detached(args.name, args.log, extra)
+        print(f"pool {args.name!r} started (pid {info.pid}); clients: {info.client_address}, workers: "
+              f"{info.worker_address}, key: {info.key_file}, log: {info.log_file}")
+        return 0
+    return serve(args.name, host=args.host, local=args.local, slots=args.slots, key_file=args.key_file,
+                 heartbeat=args.heartbeat)
+
+
+def _cmd_status(args) -> int:
+    from tabulate import tabulate
+    data = status(args.name)
+    if args.json:
+        print(json.dumps(data, indent=1, default=str))
+        return 0
+    if not data.get("running"):
+        print(f"pool {data['name']!r}: not running (last addresses: clients {data['client_address']}, "
+              f"workers {data['worker_address']})")
+        return 1
+    now = time.time()
+    print(f"pool {data['name']!r}: pid {data.get('pid')}, clients {data['client_address']}, "
+          f"workers {data['worker_address']}")
+    workers = [[w["name"], w["host"], w["pid"], w["slots"], w["busy"], w["done"],
+                f"{now - w['since']:.0f} s ago", w.get("slurm_job_id", "")] for w in data["workers"]]
+    print(f"\nWorkers ({len(workers)}, {sum(w['slots'] for w in data['workers'])} slots):")
+    print(tabulate(workers, headers=["name", "host", "pid", "slots", "busy", "done", "joined", "slurm job"],
+                   tablefmt="simple") if workers else "  none")
+    clients = [[c["name"], c["host"], c["pid"], c["queued"], c["running"], c["done"],
+                _fmt_time(c["since"])] for c in data["clients"]]
+    print(f"\nClients ({len(clients)}):")
+    print(tabulate(clients, headers=["name", "host", "pid", "ready", "running", "done", "since"],
+                   tablefmt="simple") if clients else "  none")
+    totals = (f"\nTotals: {sum(w['busy'] for w in data['workers'])} running, "
+              f"{sum(c['queued'] for c in data['clients'])} ready, {sum(w['done'] for w in data['workers'])} done")
+    if data.get("workers_lost"):
+        totals += f", {data['workers_lost']} workers lost"
+    if data.get("bad_messages"):
+        totals += f", bad messages dropped: {data['bad_messages']}"
+    print(totals)
+    return 0
+
+
+def _cmd_stop(args) -> int:
+    print(stop(args.name))
+    return 0
+
+
+def add_pool_commands(sub) -> None:
+    """Register `depio pool start|status|stop` on the CLI's subparsers."""
+    pool = sub.add_parser("pool", help="long-lived worker pools shared by pipelines",
+                          description="A pool keeps warm workers that many pipelines use, one after "
+                                      f"another or at once. Pipelines pick one with PoolExecutor(NAME) or "
+                                      f"{POOL_ENV}=NAME.")
+    psub = pool.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
+    start = psub.add_parser("start", help="run a pool (foreground; --detach for background)")
+    start.add_argument("--name", default="default", help="pool name [%(default)s]")
+    start.add_argument("--local", type=int, default=os.cpu_count() or 1,
+                       help="local workers to start [%(default)s]")
+    start.add_argument("--slots", type=int, default=1, help="slots per local worker [%(default)s]")
+    start.add_argument("--host", default="127.0.0.1",
+                       help="address to bind; off loopback a key file is required [%(default)s]")
+    start.add_argument("--key-file", help="protocol key (mode 600); default: the pool's own key")
+    start.add_argument("--heartbeat", type=float, default=1.0, help="seconds [%(default)s]")
+    start.add_argument("--detach", action="store_true", help="run in the background")
+    start.add_argument("--log", help="log file with --detach [~/.depio/pools/NAME.log]")
+    start.set_defaults(func=_cmd_start)
+    st = psub.add_parser("status", help="workers and clients of a pool, as a table")
+    st.add_argument("--name", default="default", help="pool name, connection file or address [%(default)s]")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_cmd_status)
+    sp = psub.add_parser("stop", help="stop a pool (its local workers end; hand-started ones wait)")
+    sp.add_argument("--name", default="default", help="pool name [%(default)s]")
+    sp.set_defaults(func=_cmd_stop)
