@@ -76,6 +76,13 @@ class ParallelExecutor(AbstractTaskExecutor):
         return f"ParallelExecutor({self.workers} workers x {self.slots_per_worker} slots)"
 
 
-from .slurm import SubmitItExecutor, SlurmPilotExecutor  # noqa: E402  (after the base classes: slurm imports them)
+def __getattr__(name: str):
+    """The Slurm executors live in depio.slurm, which imports this module: load them on first use
+    (an import at the top would be circular when a Slurm job imports depio.slurm first)."""
+    if name in ("SubmitItExecutor", "SlurmPilotExecutor"):
+        from . import slurm
+        return getattr(slurm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["AbstractTaskExecutor", "SequentialExecutor", "ParallelExecutor", "SubmitItExecutor", "SlurmPilotExecutor"]

@@ -513,38 +513,52 @@ class Dispatcher:
 
     # ------------------------------------------------------------ assignment
     def _assign(self) -> None:
+        """Hand queued tasks to workers with credits. First only into free slots (idle workers
+        first), then as prefetch: a worker whose slots are all busy must not take a task that an idle
+        worker could start now."""
         if not self._rr:
             return
-        for w in self.workers.with_credit():
-            batch: List[Tuple[int, TaskSpec]] = []
-            functions: Dict[bytes, bytes] = {}
-            while w.credits > 0 and self._rr:
-                identity = self._rr[0]
-                c = self.clients.get(identity)
-                if c is None or not c.queue:
-                    self._rr.popleft()
-                    continue
-                # one client's turn: a share of this worker's credits, then the next client
-                share = w.credits if len(self._rr) == 1 else max(1, w.credits // len(self._rr))
-                for _ in range(min(share, len(c.queue))):
-                    spec = c.queue.popleft()
-                    jid = self._next_jid
-                    self._next_jid += 1
-                    self.jobs[jid] = Job(c, w, spec)
-                    c.jobs.add(jid)
-                    w.jobs.add(jid)
-                    if spec.func_digest not in w.functions:
-                        functions[spec.func_digest] = c.functions[spec.func_digest]
-                        w.functions.add(spec.func_digest)
-                    batch.append((jid, spec))
-                    w.credits -= 1
-                self._rr.rotate(-1)
-                if not c.queue:
-                    self._rr.remove(identity)
+        batches: Dict[bytes, Tuple[WorkerInfo, List[Tuple[int, TaskSpec]], Dict[bytes, bytes]]] = {}
+        for prefetch in (False, True):
+            for w in sorted(self.workers.with_credit(), key=lambda w: len(w.jobs) - w.slots):
+                n = w.credits if prefetch else min(w.credits, w.slots - len(w.jobs))
+                if n > 0:
+                    _, batch, functions = batches.setdefault(w.identity, (w, [], {}))
+                    self._take(w, n, batch, functions)
+                if not self._rr:
+                    break
+            if not self._rr:
+                break
+        for w, batch, functions in batches.values():
             if batch:
                 self._send_worker(w, P.RunTasks(tuple(batch), functions))
-            if not self._rr:
-                return
+
+    def _take(self, w: WorkerInfo, n: int, batch: List[Tuple[int, TaskSpec]], functions: Dict[bytes, bytes]) -> None:
+        """Up to `n` tasks for worker `w`, round-robin over the clients with queued work."""
+        while n > 0 and self._rr:
+            identity = self._rr[0]
+            c = self.clients.get(identity)
+            if c is None or not c.queue:
+                self._rr.popleft()
+                continue
+            # one client's turn: a share of the credits, then the next client
+            share = n if len(self._rr) == 1 else max(1, n // len(self._rr))
+            for _ in range(min(share, len(c.queue))):
+                spec = c.queue.popleft()
+                jid = self._next_jid
+                self._next_jid += 1
+                self.jobs[jid] = Job(c, w, spec)
+                c.jobs.add(jid)
+                w.jobs.add(jid)
+                if spec.func_digest not in w.functions:
+                    functions[spec.func_digest] = c.functions[spec.func_digest]
+                    w.functions.add(spec.func_digest)
+                batch.append((jid, spec))
+                w.credits -= 1
+                n -= 1
+            self._rr.rotate(-1)
+            if not c.queue:
+                self._rr.remove(identity)
 
     # ------------------------------------------------------------ liveness
     def _check_liveness(self) -> None:

@@ -22,6 +22,7 @@ from typing import Deque, Dict, List, Optional
 import pykka
 
 from . import protocol as P
+from .BuildMode import BuildMode
 from .execution import restore_source_lines
 from .graph import Graph
 from .TaskStatus import TaskStatus, TERMINAL_STATES
@@ -139,7 +140,8 @@ class SchedulerActor(pykka.ThreadingActor):
                 self._depfail_downstream(i)
                 continue
             if reason is None:
-                t.reason = "up to date" if t.products else f"build mode {t.buildmode.name}"
+                t.reason = ("up to date" if t.products and t.buildmode is not BuildMode.NEVER
+                            else f"build mode {t.buildmode.name}")
                 self._terminal(i, SKIPPED)
                 for j in self.g.dependents[i]:
                     self.unmet[j] -= 1

@@ -705,12 +705,12 @@ class SlurmTaskBackend(Backend):
                     self._send(identity, P.Shutdown("unknown worker"))
                 return
             a.last_heard = time.monotonic()
-            if isinstance(msg, P.RequestWork):
-                if not a.sent and not a.over:
+            if isinstance(msg, (P.RequestWork, P.WorkerReport)) and msg.credits > 0:
+                if not a.sent and not a.over:      # the worker asks for work: its one task
                     a.sent = True
                     d = a.spec.func_digest
                     self._send(identity, P.RunTasks(((1, a.spec),), {d: self.functions[d]}), a)
-            elif isinstance(msg, P.WorkerReport):
+            if isinstance(msg, P.WorkerReport):
                 for _, t in msg.started:
                     if not a.over:
                         a.started = t
@@ -1244,6 +1244,11 @@ class SlurmPilotBackend(DispatcherBackend):
                         t._slurmid, t._slurmstate = m.group(1), "RUNNING"
                 for r in msg.done:
                     self._flight.pop((r.key, r.attempt), None)
+                    # a short task's start is not reported separately: its result names the pilot
+                    m = re.match(r"pilot-([0-9_]+)@", r.worker or "")
+                    if m and r.key < len(self.graph.tasks):
+                        t = self.graph.tasks[r.key]
+                        t._slurmid, t._slurmstate = m.group(1), t._slurmstate or "RUNNING"   # the pilot's state
                 for lost in msg.lost:
                     self._flight.pop((lost.key, lost.attempt), None)
             if msg.lost or msg.done:

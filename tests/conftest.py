@@ -72,3 +72,44 @@ def run_script(path: Path, cwd: Path, timeout: float = 60, env=None, **kw) -> su
     e.update(env or {})
     return subprocess.run([sys.executable, str(path)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=e, stdin=subprocess.DEVNULL, **kw)
+
+
+# ---------------------------------------------------------------- a real Slurm (scripts/local-slurm.sh)
+
+SLURM_HOW = 'run: eval "$(bash scripts/local-slurm.sh up)" (then bash scripts/local-slurm.sh down)'
+
+
+def slurm_problem(wait: float = 20.0) -> str:
+    """Why Slurm cannot run jobs here ('' when it can). Waits a little for a node that is busy
+    finishing the previous test's jobs."""
+    import shutil
+    if not shutil.which("sbatch") or not shutil.which("squeue"):
+        return "no Slurm client (sbatch/squeue) on PATH"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"sinfo failed: {e}"
+        if r.returncode != 0:
+            return f"Slurm is not reachable: {r.stderr.strip()[:200]}"
+        states = [s.rstrip("*~#") for s in r.stdout.split()]
+        if any(s in ("idle", "mixed", "allocated", "completing") for s in states):
+            return ""
+        if time.monotonic() > deadline:
+            return f"no usable Slurm node (sinfo: {' '.join(states) or 'nothing'})"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local cluster's default partition; skips (or, with DEPIO_REQUIRE_SLURM=1 as in CI, fails)
+    when there is no cluster."""
+    problem = slurm_problem()
+    if problem:
+        if os.environ.get("DEPIO_REQUIRE_SLURM") == "1":
+            pytest.fail(f"DEPIO_REQUIRE_SLURM=1 but {problem}; {SLURM_HOW}")
+        pytest.skip(f"{problem}; {SLURM_HOW}")
+    r = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=10)
+    default = next((p.rstrip("*") for p in r.stdout.split() if p.endswith("*")), r.stdout.split()[0].rstrip("*"))
+    return {"partition": default}

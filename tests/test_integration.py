@@ -255,3 +255,14 @@ def test_interrupt_cancels_and_leaves_nothing(workdir, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_long_tasks_go_to_idle_workers_not_into_a_busy_workers_queue(workdir):
+    """Two long tasks released together after a short one run at once on two workers (a worker
+    that just learned 'tasks are short' must not hoard both)."""
+    p = Pipeline(ParallelExecutor(workers=2), quiet=True)
+    first = p.add_task(Task("first", interval, [0, 0.2]))
+    a = p.add_task(Task("a", interval, [1, 1.5], depends_on=[first]))
+    b = p.add_task(Task("b", interval, [2, 1.5], depends_on=[first]))
+    assert p.run() == 0
+    assert overlaps([a.result, b.result])

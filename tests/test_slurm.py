@@ -27,34 +27,9 @@ from conftest import ROOT, run_script
 
 pytestmark = pytest.mark.slurm
 
-HOW = 'run: eval "$(bash scripts/local-slurm.sh up)" (then bash scripts/local-slurm.sh down)'
-
-
-def _cluster_problem() -> str:
-    if not shutil.which("sbatch") or not shutil.which("squeue"):
-        return "no Slurm client (sbatch/squeue) on PATH"
-    try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"sinfo failed: {e}"
-    if r.returncode != 0:
-        return f"Slurm is not reachable: {r.stderr.strip()[:200]}"
-    states = r.stdout.split()
-    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states):
-        return f"no usable Slurm node (sinfo: {' '.join(states) or 'nothing'})"
-    return ""
-
-
 @pytest.fixture(scope="module")
-def cluster():
-    problem = _cluster_problem()
-    if problem:
-        if os.environ.get("DEPIO_REQUIRE_SLURM") == "1":
-            pytest.fail(f"DEPIO_REQUIRE_SLURM=1 but {problem}; {HOW}")
-        pytest.skip(f"{problem}; {HOW}")
-    r = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=10)
-    default = next((p.rstrip("*") for p in r.stdout.split() if p.endswith("*")), r.stdout.split()[0].rstrip("*"))
-    return {"partition": default}
+def cluster(slurm_cluster):
+    return slurm_cluster
 
 
 @pytest.fixture

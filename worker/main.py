@@ -63,7 +63,8 @@ class Worker:
         self.queue: Deque[Tuple[int, TaskSpec]] = deque()      # received, not yet in a slot
         self.functions: Dict[bytes, bytes] = {}
         self.open_credits = 0
-        self.avg_duration = 0.05     # seconds, moving average: decides the prefetch
+        self.avg_duration = 0.5      # seconds, moving average: decides the prefetch (unknown: no prefetch)
+        self.samples = 0
         self.started: List[Tuple[int, float]] = []
         self.done: List[Tuple[int, TaskResult]] = []
         self.last_sent = 0.0
@@ -228,7 +229,9 @@ class Worker:
                 slot.ignored.discard(jid)
             else:
                 self.done.append((jid, result))
-            self.avg_duration = 0.8 * self.avg_duration + 0.2 * (result.ended - result.started)
+            self.samples += 1
+            alpha = max(0.2, 1.0 / self.samples)      # the first results count fully: adapt at once
+            self.avg_duration += alpha * ((result.ended - result.started) - self.avg_duration)
         now = time.time()
         slot.head_started = now
         if slot.assigned:
