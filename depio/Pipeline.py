@@ -9,7 +9,7 @@ import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .BuildMode import BuildMode
-from .Executors import AbstractTaskExecutor, ParallelExecutor, SequentialExecutor
+from .Executors import AbstractTaskExecutor, ParallelExecutor
 from .Task import Task
 from .TaskStatus import TaskStatus, SUCCESSFUL_TERMINAL_STATES
 from .backends import InlineBackend

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import pickle
-import sys
 import time
 import typing
 from pathlib import Path, PurePath

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-import pickle
 import queue
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
-import cloudpickle
 import pykka
 
 from . import protocol as P

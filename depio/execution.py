@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from .exceptions import (DependencyNotMetException, ProductNotProducedException, ProductNotUpdatedException,
                          TaskRaisedExceptionException, DepioError)

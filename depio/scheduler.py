@@ -12,7 +12,6 @@ Releasing dependents costs O(out-degree): each task counts its unfinished depend
 from __future__ import annotations
 
 import logging
-import pickle
 import threading
 import time
 from collections import deque

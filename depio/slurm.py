@@ -46,7 +46,7 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import zmq
 
@@ -189,31 +189,35 @@ def wait_gone(query: SlurmQuery, ids: Iterable[str], timeout: float = 20.0) -> L
 
 # ---------------------------------------------------------------- address and key
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host in ("localhost",)
+def _interface_addresses() -> List[str]:
+    """IPv4 addresses of this host's interfaces, read locally (ioctl), loopback last."""
+    import fcntl
+    import struct
+    found = []
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+            except OSError:
+                continue
+        found.append(socket.inet_ntoa(packed[20:24]))
+    return sorted(found, key=lambda ip: ipaddress.ip_address(ip).is_loopback)
 
 
 def default_host() -> str:
-    """The address of the interface that routes off this host (what compute nodes reach); no packet
-    is sent. Falls back to the host name's address, then loopback."""
-    for target in (("10.254.254.254", 1), ("192.0.2.1", 1)):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            s.connect(target)
-            ip = s.getsockname()[0]
-            if ip and not ip.startswith("0."):
-                return ip
-        except OSError:
-            pass
-        finally:
-            s.close()
+    """An address compute nodes can reach: the host name's address unless it is loopback, else the
+    first non-loopback interface address (looked up locally, nothing is sent), else loopback."""
     try:
-        return socket.gethostbyname(socket.getfqdn())
-    except OSError:
-        return "127.0.0.1"
+        ip = socket.gethostbyname(socket.getfqdn())
+        if not ipaddress.ip_address(ip).is_loopback:
+            return ip
+    except (OSError, ValueError):
+        pass
+    try:
+        addresses = _interface_addresses()
+    except (OSError, ImportError):
+        addresses = []
+    return addresses[0] if addresses else "127.0.0.1"
 
 
 def bind_address(address: Optional[str] = None) -> str:
@@ -231,10 +235,6 @@ def bind_address(address: Optional[str] = None) -> str:
     if not re.search(r":(\d+|\*)$", host):
         a += ":*"
     return a
-
-
-def _host_of(address: str) -> str:
-    return address.split("://", 1)[-1].rsplit(":", 1)[0]
 
 
 def write_key_file(folder: Path, key: bytes) -> Path:

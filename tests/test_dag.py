@@ -1,6 +1,5 @@
 """Building and validating the DAG: dedup, products, missing inputs, cycles, pickling (no processes)."""
 import threading
-import time
 from pathlib import Path
 from typing import Annotated
 

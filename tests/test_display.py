@@ -10,7 +10,6 @@ import signal
 import struct
 import sys
 import termios
-import textwrap
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from conftest import ROOT, descendants, run_script
 from depio.Task import Task
 from depio.TaskStatus import TaskStatus
-from depio.display import (CLEAR_SCREEN, Display, fit, live_lines, render_table, summary_line, visible_len)
+from depio.display import (Display, fit, live_lines, render_table, visible_len)
 
 ESC = "\033"
 

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -271,7 +270,7 @@ def test_sigstop_worker_is_lost_in_time_and_its_late_result_is_ignored(workdir):
     ex = Executor(workers=2, slots_per_worker=2, heartbeat=hb, liveness=liveness)
     p = Pipeline(ex, quiet=True)
     sleeper = p.add_task(Task("sleeper", sleep_then_note, [str(workdir), "sleeper", 2.0]))
-    gate = p.add_task(Task("gate", wait_for_file, [str(workdir / "release")]))
+    p.add_task(Task("gate", wait_for_file, [str(workdir / "release")]))
     run = Run(p)
     stopped = None
     try:

@@ -206,12 +206,18 @@ def test_no_worker_outlives_run(workdir):
     assert wait_no_descendants(os.getpid(), 10) == []
 
 
-def test_all_skipped_run_starts_no_worker(workdir):
+def test_all_skipped_run_starts_no_worker(workdir, monkeypatch):
+    from depio.launchers import LocalLauncher
+    starts = []
+    real_start = LocalLauncher.start
+    monkeypatch.setattr(LocalLauncher, "start", lambda self, *a: (starts.append(a), real_start(self, *a)))
     Path("done").touch()
     p = Pipeline(ParallelExecutor(workers=2), quiet=True)
     t = p.add_task(Task("w", write, [Path("done")]))
-    before = threading.active_count()
     assert p.run() == 0 and t.status[0] is S.SKIPPED
+    assert starts == []                       # nothing to run: no worker was started
+    Path("done").unlink()
+    assert p.run() == 0 and t.status[0] is S.FINISHED and len(starts) == 1
 
 
 # ---------------------------------------------------------------- interruption

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, descendants
+from conftest import ROOT
 
 pytestmark = pytest.mark.timeout(180)
 

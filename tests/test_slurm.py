@@ -12,9 +12,7 @@ Jobs connect back to the pipeline on 127.0.0.1 (DEPIO_ADDRESS), as compute nodes
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import stat
 import subprocess
 import sys
 import textwrap
