@@ -124,10 +124,12 @@ class DispatcherBackend(Backend):
         self._closing = True
         if self.client is not None:
             self.client.close()
+        told = None
         if self.dispatcher is not None:
+            told = {w.pid for w in self.dispatcher.workers}    # snapshot: these get the Shutdown
             self.dispatcher.stop("pipeline finished")
         if self.launcher is not None:
-            self.launcher.stop()
+            self.launcher.stop(told=told)
 
     @property
     def worker_address(self) -> str:

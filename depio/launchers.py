@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Set
 
 from . import protocol as P
 
@@ -114,13 +114,20 @@ class LocalLauncher:
         with self._lock:
             return [p.pid for p in self.procs if p.poll() is None]
 
-    def stop(self, grace: float = 0.5) -> None:
-        """Workers were told to shut down by the dispatcher; give them `grace` seconds, then SIGTERM
-        (a worker still starting up never heard the Shutdown; SIGTERM stops it cleanly too), then
-        SIGKILL, each by PID."""
+    def stop(self, grace: float = 0.5, told: Optional[Set[int]] = None) -> None:
+        """Workers were told to shut down by the dispatcher; give them `grace` seconds, then SIGTERM,
+        then SIGKILL, each by PID. `told`: the PIDs the dispatcher knew (and so told); a worker not
+        among them was still starting and gets SIGTERM at once (it stops cleanly on it too)."""
         with self._lock:
             self._stopping = True
             procs = list(self.procs)
+        if told is not None:
+            for p in procs:
+                if p.pid not in told and p.poll() is None:
+                    try:
+                        os.kill(p.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
         deadline = time.monotonic() + grace
         for p in procs:
             try:

@@ -46,7 +46,7 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import zmq
 
@@ -1040,9 +1040,9 @@ class SlurmPilotLauncher:
         with self.lock:
             return [p.job_id for p in self.pilots.values() if not p.ended]
 
-    def stop(self, grace: float = 3.0) -> None:
+    def stop(self, grace: float = 3.0, told: Optional[Set[int]] = None) -> None:
         """The dispatcher told the workers to leave; cancel whatever is still in Slurm and wait until
-        squeue no longer lists it."""
+        squeue no longer lists it. (`told`, the PIDs that heard the Shutdown, matters only locally.)"""
         self._stopping = True
         if self._thread is None:
             return
