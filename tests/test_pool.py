@@ -256,3 +256,22 @@ def test_pipeline_fails_clearly_when_the_pool_goes_away(home, workdir):
 def test_no_pool_gives_a_clear_error(home, workdir):
     r = depio(home, "pool", "status", "--name", "nosuch")
     assert r.returncode != 0 and "nosuch" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_small_pipeline_is_not_stuck_behind_a_big_one(pool, home, workdir):
+    """A small pipeline arriving while a big one keeps every slot busy gets its share at once: it ends
+    long before the big one (the pool does not serve pipelines one after the other)."""
+    big = start_pipeline(home, workdir, 400, 0.05, workdir / "big.json")     # ~10 s of work on 2 slots
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(c["running"] for c in pool.status()["clients"]):
+        time.sleep(0.1)
+    small = start_pipeline(home, workdir, 3, 0.01, workdir / "small.json")
+    out, _ = small.communicate(timeout=60)
+    assert small.returncode == 0, out
+    assert big.poll() is None, "the big pipeline ended first: the small one waited for it"
+    result = json.loads((workdir / "small.json").read_text())
+    first_start = min(s for s, _ in result["spans"])
+    out, _ = big.communicate(timeout=120)
+    assert big.returncode == 0, out
+    spans = json.loads((workdir / "big.json").read_text())["spans"]
+    assert first_start < max(e for _, e in spans) - 3.0
