@@ -248,9 +248,6 @@ class Pipeline:
             print(text, flush=True)
         return 0
 
-    def exit_with_failed_tasks(self) -> int:
-        return 1 if any(t.is_in_failed_terminal_state for t in self.tasks) else 0
-
 
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt

@@ -85,7 +85,7 @@ class DispatcherBackend(Backend):
                                          liveness=self.liveness).start()
             self.client = self.dispatcher.attach_local(self.name, self._deliver)
         else:
-            self.client = DispatcherClient(self.pool_address, self.key, self.name, self.scheduler.tell, self._lost,
+            self.client = DispatcherClient(self.pool_address, self.key, self.name, self._deliver, self._lost,
                                            heartbeat=self.heartbeat, liveness=self.liveness).start()
         if self.launcher is not None:
             self.launcher.on_all_gone = self._lost
@@ -93,8 +93,13 @@ class DispatcherBackend(Backend):
         self._started = True
 
     def _deliver(self, msg: object) -> None:
-        """From our own dispatcher's thread: what the scheduler needs, handed over without pickling."""
-        if isinstance(msg, (P.ClientReport, P.WorkersChanged)):
+        """What the dispatcher sends this pipeline (from its thread, or the pool client's): reports
+        go to the scheduler; everything is shown to `observe` first."""
+        try:
+            self.observe(msg)
+        except Exception:
+            log.exception("observing a dispatcher message failed")
+        if isinstance(msg, P.ClientReport):
             if not self._closing:
                 try:
                     self.scheduler.tell(msg)
@@ -102,6 +107,9 @@ class DispatcherBackend(Backend):
                     pass
         elif isinstance(msg, P.Shutdown):
             self._lost(f"the dispatcher shut down: {msg.reason}")
+
+    def observe(self, msg: object) -> None:
+        """A hook for backends that follow the run (the Slurm pilot launcher); nothing here."""
 
     def _lost(self, reason: str) -> None:
         if self._closing:

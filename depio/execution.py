@@ -229,8 +229,4 @@ def restore_source_lines(tb: str, func: Callable) -> str:
     return _DYNAMIC_FRAME.sub(repl, tb)
 
 
-def describe_failure(error: Optional[Dict[str, str]]) -> str:
-    return "" if not error else error.get("summary") or error.get("message", "")
-
-
-__all__ = ["call_task", "execute_inline", "FdCapture", "error_to_exception", "describe_failure"]
+__all__ = ["call_task", "execute_inline", "FdCapture", "error_to_exception"]

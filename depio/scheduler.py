@@ -33,7 +33,7 @@ FINISHED, SKIPPED, FAILED = TaskStatus.FINISHED, TaskStatus.SKIPPED, TaskStatus.
 DEPFAILED, CANCELED = TaskStatus.DEPFAILED, TaskStatus.CANCELED
 
 
-# messages the scheduler takes besides the protocol's ClientReport and WorkersChanged
+# messages the scheduler takes besides the protocol's ClientReport
 @dataclass(frozen=True)
 class Start:
     pass
@@ -104,8 +104,6 @@ class SchedulerActor(pykka.ThreadingActor):
             self.paused = msg.paused
         elif isinstance(msg, BackendFailed):
             self.t_cancel_all(msg.reason, status=FAILED)
-        elif isinstance(msg, P.WorkersChanged):
-            pass
         self._submit_ready()
         self._check_done()
 

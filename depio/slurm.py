@@ -963,24 +963,6 @@ class _Pilot:
         self.reason = ""
 
 
-class _TellTap:
-    """Stands in for the scheduler's actor ref: sees every message the backend tells it."""
-
-    def __init__(self, ref, observe: Callable[[object], None]):
-        self._ref = ref
-        self._observe = observe
-
-    def tell(self, msg) -> None:
-        try:
-            self._observe(msg)
-        except Exception:
-            log.exception("observing a scheduler message failed")
-        self._ref.tell(msg)
-
-    def __getattr__(self, name):
-        return getattr(self._ref, name)
-
-
 class SlurmPilotLauncher:
     """Starts pilot workers as Slurm jobs (a job array per submission) and keeps enough of them
     while work remains. Launcher interface as `LocalLauncher`: start(address, key), stop(),
@@ -1208,9 +1190,6 @@ class SlurmPilotBackend(DispatcherBackend):
         self._flight: Dict[Tuple[int, int], bool] = {}     # (key, attempt) -> started
         self._flock = threading.Lock()
 
-    def bind(self, scheduler, graph) -> None:
-        super().bind(_TellTap(scheduler, self._observe), graph)
-
     def work(self) -> Tuple[bool, int]:
         """(tasks handed out and not ended?, how many of them not started)"""
         with self._flock:
@@ -1232,7 +1211,7 @@ class SlurmPilotBackend(DispatcherBackend):
                     del self._flight[k]
         super().cancel(keys, reason)
 
-    def _observe(self, msg) -> None:
+    def observe(self, msg) -> None:
         if isinstance(msg, P.ClientReport):
             with self._flock:
                 for key, attempt, _, worker in msg.started:

@@ -307,3 +307,227 @@ def test_per_task_job_killed_by_slurm_fails_with_reason(slurm_env):
     assert proc.returncode == 1, out
     assert f"Slurm job {jid} CANCELLED" in out, out
     assert took < 30, took
+
+
+# ---------------------------------------------------------------- Slurm's time limit (TIMEOUT), per-task mode
+
+def _popen_script(path: Path, cwd: Path, env=None) -> subprocess.Popen:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(env or {})
+    return subprocess.Popen([sys.executable, str(path)], cwd=cwd, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+
+
+def _finish(proc: subprocess.Popen, folder: Path) -> None:
+    """Cleanup for a test's pipeline: stop it (by its pid) and cancel the Slurm jobs it created (by id)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if (folder / "slurm").exists():
+        ids = sorted(_jobs_of(folder / "slurm"))
+        if ids:
+            subprocess.run(["scancel"] + ids, capture_output=True, timeout=30)
+
+
+@pytest.mark.timeout(170)
+def test_per_task_job_timeout_fails_with_slurm_reason(slurm_env):
+    """A task that outlives its job's `slurm_time: 1` (minute): Slurm kills the job (TIMEOUT, on its
+    own tick, OverTimeLimit=0); the task ends FAILED with the Slurm job id and TIMEOUT in its reason,
+    is not run again, and the pipeline exits 1."""
+    script = slurm_env / "p.py"
+    script.write_text(textwrap.dedent("""
+        import os, pathlib, sys, time
+        from depio import Pipeline, SubmitItExecutor, Task
+
+        def sleeper():
+            pathlib.Path("job-" + os.environ["SLURM_JOB_ID"]).touch()
+            time.sleep(600)
+
+        p = Pipeline(SubmitItExecutor(folder="slurm", parameters={"slurm_time": 1}), quiet=True)
+        t = p.add_task(Task("sleeper", sleeper))
+        code = p.run()
+        print("STATUS", t.status[0].name, t.attempts, t.slurmid, t.slurmjob_status)
+        print("REASON", t.reason)
+        print("MESSAGE", (t.error or {}).get("message"))
+        sys.exit(code)
+    """))
+    t0 = time.monotonic()
+    proc = _popen_script(script, slurm_env)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        _finish(proc, slurm_env)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1, out
+    marks = list(slurm_env.glob("job-*"))
+    assert len(marks) == 1, (marks, out)                      # it ran once: TIMEOUT is not retried
+    jid = marks[0].name[4:]
+    status = next(line for line in out.splitlines() if line.startswith("STATUS")).split()
+    assert status[1] == "FAILED" and status[2] == "1" and status[3] == jid, out
+    reason = next(line for line in out.splitlines() if line.startswith("REASON"))
+    message = next(line for line in out.splitlines() if line.startswith("MESSAGE"))
+    assert f"Slurm job {jid} TIMEOUT" in reason, out
+    assert f"Slurm job {jid} TIMEOUT" in message, out
+    st = subprocess.run(["squeue", "-h", "-t", "all", "-j", jid, "-o", "%T"], capture_output=True, text=True,
+                        timeout=30)
+    assert st.stdout.split() == ["TIMEOUT"], st.stdout      # Slurm agrees: its limit ended the job
+    assert elapsed > 55, elapsed                              # not before the limit
+    print(f"TIMEOUT: task failed {elapsed:.1f} s after the start; {reason}")
+
+
+# ---------------------------------------------------------------- pilot walltime: leave before the limit, get replaced
+
+def _slurm_seconds(text: str) -> float:
+    """squeue's %M ('SS', 'M:SS', 'H:MM:SS', 'D-HH:MM:SS') in seconds."""
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    secs = 0.0
+    for part in text.split(":"):
+        secs = secs * 60 + float(part)
+    return days * 86400 + secs
+
+
+@pytest.mark.timeout(170)
+def test_pilots_leave_before_walltime_and_are_replaced(slurm_env):
+    """Pilots with a 1-minute walltime and a 15 s margin, and ~100 s of 3-second tasks (more than a
+    pilot's lifetime on 2 pilots): every pilot leaves on its own before Slurm's limit (none ends
+    TIMEOUT), the launcher submits replacements while tasks remain, every task ends FINISHED on its
+    first attempt, exit 0."""
+    name = f"wall-{os.getpid()}-{int(time.time())}"
+    script = slurm_env / "p.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        from depio import Pipeline, SlurmPilotExecutor, Task
+
+        def work(i):
+            time.sleep(3)
+            return i
+
+        ex = SlurmPilotExecutor(workers=2, min_workers=1, max_workers=2, slots=1, walltime=1, margin=15,
+                                idle_timeout=20, folder="slurm", parameters={{"slurm_job_name": "{name}"}})
+        p = Pipeline(ex, quiet=True)
+        tasks = [p.add_task(Task(f"w{{i}}", work, [i])) for i in range(34)]
+        code = p.run()
+        for t in tasks:
+            print("TASK", t.name, t.status[0].name, t.attempts, t.slurmid, t.result)
+        sys.exit(code)
+    """))
+    t0 = time.monotonic()
+    proc = _popen_script(script, slurm_env)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        _finish(proc, slurm_env)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, out
+    rows = [line.split() for line in out.splitlines() if line.startswith("TASK ")]
+    assert len(rows) == 34, out
+    assert all(r[2] == "FINISHED" and r[5] == r[1][1:] for r in rows), out
+    assert all(r[3] == "1" for r in rows), out            # a pilot leaving cleanly loses no task
+    q = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i|%T|%M|%l"], capture_output=True,
+                       text=True, timeout=30)
+    jobs = [line.split("|") for line in q.stdout.split()]
+    assert len(jobs) >= 3, (q.stdout, out)                  # 2 pilots, then replacements
+    assert len(_jobs_of(slurm_env / "slurm")) >= 2, out     # replacements are new sbatch calls
+    states = {j[0]: j[1] for j in jobs}
+    assert not [j for j, s in states.items() if s.startswith("TIMEOUT")], states
+    assert all(s in ("COMPLETED", "CANCELLED") for s in states.values()), states
+    # the pilots that ran out of walltime left on their own, before the limit (with the margin)
+    long_lived = [j for j in jobs if _slurm_seconds(j[2]) > 30]
+    assert long_lived, jobs
+    assert all(j[1] == "COMPLETED" and _slurm_seconds(j[2]) < 60 - 5 for j in long_lived), jobs
+    ran_on = {r[4] for r in rows}
+    assert len(ran_on) >= 3, ran_on                         # tasks ran on the replacements too
+    print(f"pilot walltime: {elapsed:.1f} s, pilot jobs {jobs}")
+
+
+# ---------------------------------------------------------------- load on the cluster: batched, rate-limited queries
+
+def _slurm_call_logger(folder: Path, log_file: Path) -> Path:
+    """A bin directory with squeue/sacct/sbatch/scancel wrappers that log each call (time, command,
+    $SLURM_JOB_ID or '-', arguments) and run the real command. Put first on PATH of the pipeline only."""
+    import shutil
+    bindir = folder / "logbin"
+    bindir.mkdir()
+    for cmd in ("squeue", "sacct", "sbatch", "scancel"):
+        real = shutil.which(cmd)
+        if real is None:
+            continue
+        (bindir / cmd).write_text(
+            "#!/bin/sh\n"
+            f"printf '%s %s %s %s\\n' \"$(date +%s.%N)\" {cmd} \"${{SLURM_JOB_ID:--}}\" \"$*\" >> '{log_file}'\n"
+            f"exec '{real}' \"$@\"\n")
+        (bindir / cmd).chmod(0o755)
+    return bindir
+
+
+@pytest.mark.timeout(150)
+def test_pilots_ask_slurm_at_most_every_30_s(slurm_env):
+    """Load on the cluster: 3 pilots for 300 short tasks on a 2-CPU node (the third pilot stays PENDING
+    the whole run, so the launcher has a job to watch): while the tasks run, the pipeline asks
+    Slurm (squeue/sacct) at most once per 30 s, batched; sbatch once. Counted by PATH wrappers
+    around the real commands, for the pipeline's process tree only."""
+    calls = slurm_env / "slurm-calls"
+    bindir = _slurm_call_logger(slurm_env, calls)
+    script = slurm_env / "p.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from depio import Pipeline, SlurmPilotExecutor, Task
+
+        class Counting(SlurmPilotExecutor):
+            def make_backend(self):
+                self.backend = super().make_backend()
+                return self.backend
+
+        def work(i):
+            time.sleep(0.25)
+            return i
+
+        ex = Counting(workers=3, slots=1, idle_timeout=30, folder="slurm", parameters={"slurm_time": 10})
+        p = Pipeline(ex, quiet=True)
+        tasks = [p.add_task(Task(f"w{i}", work, [i])) for i in range(300)]
+        t_start = time.time()
+        code = p.run()
+        assert all(t.result == i for i, t in enumerate(tasks))
+        print("WINDOW", t_start, max(t.end_time for t in tasks), time.time())
+        launcher = ex.backend.launcher
+        print("COUNTS", ex.backend.slurm_queries, launcher.query.sacct_calls, launcher.sbatch_calls)
+        sys.exit(code)
+    """))
+    t0 = time.monotonic()
+    proc = _popen_script(script, slurm_env, env={"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"})
+    try:
+        out, _ = proc.communicate(timeout=130)
+    finally:
+        _finish(proc, slurm_env)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, out
+    start, last_task_end, end = map(float, next(x for x in out.splitlines() if x.startswith("WINDOW")).split()[1:])
+    queries, sacct_calls, sbatch_calls = map(int, next(x for x in out.splitlines() if x.startswith("COUNTS")).split()[1:])
+    logged = [line.split(" ", 3) for line in calls.read_text().splitlines()]
+    mine = [(float(t), cmd) for t, cmd, job, *_ in logged if job == "-"]     # not from inside the jobs
+    by_cmd = {c: [t for t, cmd in mine if cmd == c] for c in ("squeue", "sacct", "sbatch", "scancel")}
+    # the wrappers saw what the backend counted: every question is one squeue (+ a sacct for ids
+    # squeue no longer knows), one sbatch for the 3 pilots
+    assert len(by_cmd["squeue"]) == queries and len(by_cmd["sacct"]) == sacct_calls, (by_cmd, out)
+    assert len(by_cmd["sbatch"]) == sbatch_calls == 1, (by_cmd, out)
+    run_s = last_task_end - start
+    assert run_s > 35, run_s                                   # long enough to see the rate limit
+    asks = sorted(t for t, c in mine if c in ("squeue", "sacct"))
+    during = [t for t in asks if t <= last_task_end]
+    questions = []                                             # a squeue and its sacct are one question
+    for t in during:
+        if not questions or t - questions[-1] > 2.0:
+            questions.append(t)
+    assert 1 <= len(questions) <= 1 + run_s / 30, (questions, run_s)   # the pending pilot is watched, rarely
+    gaps = [b - a for a, b in zip(questions, questions[1:])]
+    assert all(g >= 29 for g in gaps), gaps
+    # closing: one scancel and a short, bounded wait until Slurm lists no pilot as running
+    closing = [t for t in asks if t > last_task_end]
+    assert len(closing) <= 10, closing
+    assert len(by_cmd["scancel"]) == 1, by_cmd
+    print(f"slurm queries: {len(questions)} in {run_s:.0f} s of work ({len(closing)} while closing), "
+          f"{queries} squeue + {sacct_calls} sacct in all, {sbatch_calls} sbatch; {elapsed:.1f} s")
