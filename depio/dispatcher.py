@@ -152,6 +152,7 @@ class Dispatcher:
         self.tasks_done = 0
         self._reports: Dict[int, Tuple[ClientInfo, list, list, list]] = {}
         self.on_stop_request: Optional[Callable[[str], None]] = None   # a pool lets admins stop it
+        self.on_workers_changed: Optional[Callable[[], None]] = None   # a pool's Slurm pilots follow it
         self._local_inbox: Deque[Tuple[bytes, object]] = deque()
 
     # ------------------------------------------------------------ life cycle
@@ -416,6 +417,11 @@ class Dispatcher:
         self._broadcast_workers(reason)
 
     def _broadcast_workers(self, reason: str) -> None:
+        if self.on_workers_changed is not None:
+            try:
+                self.on_workers_changed()
+            except Exception:
+                log.exception("a worker-change hook failed")
         msg = P.WorkersChanged(len(self.workers), self.workers.slots, reason)
         for c in list(self.clients.values()):
             self._send_client(c, msg)

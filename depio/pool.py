@@ -132,11 +132,17 @@ class PoolService:
 
     def __init__(self, name: str = "default", host: str = "127.0.0.1", local: int = 0, slots: int = 1,
                  key_file: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
-                 client_port: Optional[int] = None, worker_port: Optional[int] = None):
+                 client_port: Optional[int] = None, worker_port: Optional[int] = None,
+                 slurm: int = 0, slurm_slots: int = 1, slurm_time: float = 60.0,
+                 slurm_parameters: Optional[Dict[str, Any]] = None):
         self.name = name
         self.host = host
         self.local = local
         self.slots = slots
+        self.slurm = slurm
+        self.slurm_slots = slurm_slots
+        self.slurm_time = slurm_time
+        self.slurm_parameters = dict(slurm_parameters or {})
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.stop_reason: Optional[str] = None
@@ -185,15 +191,21 @@ class PoolService:
         info = PoolInfo(self.name, dispatcher.client_address, dispatcher.worker_address, self.key.hex(),
                         str(key_path), os.getpid(), started=time.time(),
                         log_file=os.environ.get("DEPIO_POOL_LOG", ""))
-        launcher = None
+        launchers: List[Any] = []
         try:
             if self.local > 0:
                 launcher = LocalLauncher(self.local, self.slots, self.heartbeat, self.liveness,
                                          max_restarts=1_000_000)
                 launcher.start(dispatcher.worker_address, self.key)
+                launchers.append(launcher)
+            if self.slurm > 0:
+                from .slurm import pool_pilots
+                launchers.append(pool_pilots(dispatcher, self.key, self.slurm, self.slurm_slots, self.slurm_time,
+                                             self.slurm_parameters, pools_dir() / f"{self.name}-slurm",
+                                             self.heartbeat, max(self.liveness, 5)))
             info.save()
-            log.info("pool %s: clients at %s, workers at %s, %d local worker(s)", self.name,
-                     info.client_address, info.worker_address, self.local)
+            log.info("pool %s: clients at %s, workers at %s, %d local worker(s), %d Slurm pilot(s)", self.name,
+                     info.client_address, info.worker_address, self.local, self.slurm)
             print(f"depio pool {self.name!r} running (pid {os.getpid()}): pipelines use "
                   f"PoolExecutor({self.name!r}) or {POOL_ENV}={self.name}; workers connect to "
                   f"{info.worker_address} with --key-file {key_path}", flush=True)
@@ -204,7 +216,7 @@ class PoolService:
             info.pid = None
             info.save()
             dispatcher.stop(f"pool {self.name} stopping: {self.stop_reason}")
-            if launcher is not None:
+            for launcher in launchers:
                 launcher.stop()
         log.info("pool %s stopped: %s", self.name, self.stop_reason)
         return 0
@@ -345,8 +357,11 @@ def _fmt_time(t: Optional[float]) -> str:
 
 
 def _cmd_start(args) -> int:
+    if args.local is None:
+        args.local = 0 if args.slurm else (os.cpu_count() or 1)
     extra = ["--local", str(args.local), "--slots", str(args.slots), "--host", args.host,
-             "--heartbeat", str(args.heartbeat)]
+             "--heartbeat", str(args.heartbeat), "--slurm", str(args.slurm), "--slurm-slots", str(args.slurm_slots),
+             "--slurm-time", str(args.slurm_time)] + [f"--slurm-param={p}" for p in args.slurm_param]
     if args.key_file:
         extra += ["--key-file", args.key_file]
     if args.detach:
@@ -355,7 +370,19 @@ def _cmd_start(args) -> int:
               f"{info.worker_address}, key: {info.key_file}, log: {info.log_file}")
         return 0
     return serve(args.name, host=args.host, local=args.local, slots=args.slots, key_file=args.key_file,
-                 heartbeat=args.heartbeat)
+                 heartbeat=args.heartbeat, slurm=args.slurm, slurm_slots=args.slurm_slots,
+                 slurm_time=args.slurm_time, slurm_parameters=_slurm_params(args.slurm_param))
+
+
+def _slurm_params(pairs: List[str]) -> Dict[str, Any]:
+    """`KEY=VALUE` pairs (submitit's slurm_* names, e.g. slurm_partition=gpu or mem_gb=8)."""
+    out: Dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--slurm-param takes KEY=VALUE, got {pair!r}")
+        out[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
+    return out
 
 
 def _cmd_status(args) -> int:
@@ -405,9 +432,16 @@ def add_pool_commands(sub) -> None:
     psub = pool.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
     start = psub.add_parser("start", help="run a pool (foreground; --detach for background)")
     start.add_argument("--name", default="default", help="pool name [%(default)s]")
-    start.add_argument("--local", type=int, default=os.cpu_count() or 1,
-                       help="local workers to start [%(default)s]")
+    start.add_argument("--local", type=int, default=None,
+                       help="local workers to start [one per core, or 0 with --slurm]")
     start.add_argument("--slots", type=int, default=1, help="slots per local worker [%(default)s]")
+    start.add_argument("--slurm", type=int, default=0, metavar="N",
+                       help="keep N depio-worker pilot jobs in Slurm, replaced at their walltime [%(default)s]")
+    start.add_argument("--slurm-slots", type=int, default=1, help="slots per Slurm pilot [%(default)s]")
+    start.add_argument("--slurm-time", type=float, default=60.0, help="pilot walltime in minutes [%(default)s]")
+    start.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                       help="a submitit Slurm parameter for the pilots, e.g. slurm_partition=gpu (repeatable); "
+                            "SBATCH_* environment variables apply too")
     start.add_argument("--host", default="127.0.0.1",
                        help="address to bind; off loopback a key file is required [%(default)s]")
     start.add_argument("--key-file", help="protocol key (mode 600); default: the pool's own key")

@@ -1099,6 +1099,9 @@ class SlurmPilotLauncher:
         params["setup"] = list(params.get("setup") or []) + _python_path_setup()
         params.setdefault("job_name", "depio-pilot")
         walltime_s = _minutes(params.get("time", self.walltime_min)) * 60.0
+        # Slurm's warning (SIGUSR2, which makes the pilot drain) `margin` s before the limit, not
+        # submitit's default 90 s: with a short walltime that came at once and pilots left at the start
+        params.setdefault("signal_delay_s", max(1, int(round(min(self.margin, walltime_s / 2)))))
         args = dict(address=self.address, key_file=str(self.key_file), slots=self.slots, walltime_s=walltime_s,
                     margin=self.margin, heartbeat=self.heartbeat, liveness=self.liveness,
                     idle_timeout=self.idle_timeout)
@@ -1269,7 +1272,7 @@ class SlurmPilotExecutor(AbstractTaskExecutor):
         base = dict(DEFAULT_PARAMS if parameters is None else parameters)
         params = sbatch_parameters(base)
         if walltime is not None:
-            params["time"] = walltime
+            params["time"] = max(1, int(-(-_minutes(walltime) // 1)))   # sbatch takes whole minutes
         self.walltime = _minutes(params.setdefault("time", 60))
         params.setdefault("cpus_per_task", self.slots)
         self.parameters = params
@@ -1292,6 +1295,37 @@ class SlurmPilotExecutor(AbstractTaskExecutor):
         return f"SlurmPilotExecutor({self.workers} pilots x {self.slots} slots)"
 
 
+class _PoolView:
+    """What a pilot launcher asks of its backend, answered for a pool: there is always work to be
+    ready for, so the launcher keeps its pilots (and replaces those that reach their walltime)."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+
+    def work(self) -> Tuple[bool, int]:
+        try:
+            waiting = sum(c["queued"] for c in self.dispatcher.snapshot()["clients"])
+        except RuntimeError:       # read without a lock while it changed
+            waiting = 0
+        return True, waiting
+
+
+def pool_pilots(dispatcher, key: bytes, workers: int, slots: int = 1, walltime: float = 60.0,
+                parameters: Optional[Dict[str, Any]] = None, folder=None, heartbeat: float = 1.0,
+                liveness: int = 5) -> SlurmPilotLauncher:
+    """Start and keep `workers` pilot jobs for a `depio pool` (`depio pool start --slurm N`)."""
+    params = sbatch_parameters(dict(parameters or {}))
+    params["time"] = max(1, int(-(-_minutes(walltime) // 1)))      # whole minutes, as sbatch wants
+    params.setdefault("cpus_per_task", slots)
+    margin = min(60.0, max(5.0, 0.05 * _minutes(walltime) * 60))
+    launcher = SlurmPilotLauncher(workers, slots, params, Path(folder or "slurm"), workers, workers,
+                                  _minutes(walltime), margin, None, heartbeat, liveness, workers + 2)
+    launcher.backend = _PoolView(dispatcher)      # type: ignore[assignment]
+    dispatcher.on_workers_changed = launcher.workers_changed
+    launcher.start(dispatcher.worker_address, key)
+    return launcher
+
+
 __all__ = ["SubmitItExecutor", "SlurmPilotExecutor", "SlurmTaskBackend", "SlurmPilotBackend", "SlurmPilotLauncher",
            "SlurmQuery", "slurm_status", "bind_address", "default_host", "sbatch_parameters", "run_task_job",
-           "run_pilot", "DEFAULT_PARAMS"]
+           "run_pilot", "pool_pilots", "DEFAULT_PARAMS"]

@@ -275,3 +275,35 @@ def test_small_pipeline_is_not_stuck_behind_a_big_one(pool, home, workdir):
     assert big.returncode == 0, out
     spans = json.loads((workdir / "big.json").read_text())["spans"]
     assert first_start < max(e for _, e in spans) - 3.0
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_pool_keeps_slurm_pilots_and_cancels_them_on_stop(home, workdir, slurm_cluster):
+    env_extra = {"SBATCH_PARTITION": slurm_cluster["partition"]}
+    p = Pool.__new__(Pool)
+    p.home, p.name = home, "s"
+    p.args = ["pool", "start", "--name", "s", "--slurm", "1", "--slurm-time", "5", "--heartbeat", "1"]
+    os.environ.update(env_extra)
+    try:
+        p.start()
+        s = p.wait_workers(1, timeout=60)
+        job = s["workers"][0]["slurm_job_id"]
+        assert job, s                                  # the worker is a Slurm job
+        r = subprocess.run([sys.executable, str(ROOT / "examples" / "dag_demo.py")], cwd=workdir,
+                           env=env_for(home, DEPIO_POOL="s"), capture_output=True, text=True, timeout=90,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert sum(w["done"] for w in p.status()["workers"]) == 3
+    finally:
+        for k in env_extra:
+            os.environ.pop(k, None)
+        p.stop()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        q = subprocess.run(["squeue", "-h", "-j", job.split("_")[0], "-t", "pending,running,completing"],
+                           capture_output=True, text=True)
+        if not q.stdout.strip():
+            break
+        time.sleep(0.5)
+    assert not q.stdout.strip(), f"pilot job still in Slurm after the pool stopped: {q.stdout}"
