@@ -41,7 +41,12 @@ POOL_ENV = "DEPIO_POOL"
 
 
 def pools_dir() -> Path:
-    return Path(os.environ.get("DEPIO_HOME", "~/.depio")).expanduser() / "pools"
+    """The per-user folder of connection files, created private (0700)."""
+    path = Path(os.environ.get("DEPIO_HOME", "~/.depio")).expanduser() / "pools"
+    if not path.is_dir():
+        path.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    return path
 
 
 def _write_private(path: Path, text: str) -> None:
