@@ -444,8 +444,13 @@ def _make_job_worker_class():
 
 
 def _job_main(address: str, key_file: str, name: Optional[str], slots: int, heartbeat: float, liveness: int,
-              idle_timeout: Optional[float], walltime_s: Optional[float], margin: float) -> int:
-    """The function a Slurm job runs (through submitit): a worker that connects back."""
+              idle_timeout: Optional[float], walltime_s: Optional[float], margin: float,
+              warning_s: Optional[float] = None) -> int:
+    """The function a Slurm job runs (through submitit): a worker that connects back.
+    `warning_s`: the job's `--signal=USR2@warning_s`. Slurm may send that signal up to 60 s early
+    (sbatch(1): "due to the resolution of event handling"), so it only tells that the limit is at
+    most `warning_s + 60` s away: the worker's deadline is pulled in to that if its own clock said
+    later (a slow job start), otherwise it keeps working by its clock."""
     from worker.main import _on_sigterm, read_key
     key = read_key(key_file)
     os.environ.pop(P.KEY_ENV, None)
@@ -455,7 +460,14 @@ def _job_main(address: str, key_file: str, name: Optional[str], slots: int, hear
     w = cls(address, key, slots=slots, name=(name or f"pilot-{jid}@{socket.gethostname()}"), heartbeat=heartbeat,
             liveness=liveness, idle_timeout=idle_timeout, slurm_job_id=jid, deadline=deadline, margin=margin)
     signal.signal(signal.SIGTERM, _on_sigterm)          # scancel: leave cleanly (submitit ignores SIGTERM)
-    if walltime_s:
+    if walltime_s and warning_s is not None:
+        def warned(signum, frame):
+            latest = time.time() + warning_s + 60.0
+            if w.deadline is None or latest < w.deadline:
+                w.deadline = latest
+                log.warning("Slurm signalled the end of the walltime: ending by %.0f s from now", latest - time.time())
+        signal.signal(signal.SIGUSR2, warned)
+    elif walltime_s:
         signal.signal(signal.SIGUSR2, lambda s, f: w.drain("Slurm signalled the end of the walltime"))
     else:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)   # per task: let Slurm end it with TIMEOUT
@@ -469,9 +481,10 @@ def run_task_job(address: str, key_file: str, token: str, heartbeat: float = 1.0
 
 def run_pilot(address: str, key_file: str, slots: int = 1, walltime_s: Optional[float] = None,
               margin: float = 60.0, heartbeat: float = 1.0, liveness: int = 5,
-              idle_timeout: Optional[float] = 60.0) -> int:
+              idle_timeout: Optional[float] = 60.0, warning_s: Optional[float] = None) -> int:
     """Pilot job: a worker that streams tasks until idle, told to leave, or near its walltime."""
-    return _job_main(address, key_file, None, slots, heartbeat, liveness, idle_timeout, walltime_s, margin)
+    return _job_main(address, key_file, None, slots, heartbeat, liveness, idle_timeout, walltime_s, margin,
+                     warning_s)
 
 
 # ---------------------------------------------------------------- per-task mode
@@ -1099,12 +1112,13 @@ class SlurmPilotLauncher:
         params["setup"] = list(params.get("setup") or []) + _python_path_setup()
         params.setdefault("job_name", "depio-pilot")
         walltime_s = _minutes(params.get("time", self.walltime_min)) * 60.0
-        # Slurm's warning (SIGUSR2, which makes the pilot drain) `margin` s before the limit, not
-        # submitit's default 90 s: with a short walltime that came at once and pilots left at the start
+        # Slurm's warning (SIGUSR2) `margin` s before the limit rather than submitit's 90 s; the pilot
+        # takes it as "the limit is at most warning + 60 s away" (Slurm may send it 60 s early), not
+        # as "leave now": with a short walltime the warning came at the start and pilots left at once
         params.setdefault("signal_delay_s", max(1, int(round(min(self.margin, walltime_s / 2)))))
         args = dict(address=self.address, key_file=str(self.key_file), slots=self.slots, walltime_s=walltime_s,
                     margin=self.margin, heartbeat=self.heartbeat, liveness=self.liveness,
-                    idle_timeout=self.idle_timeout)
+                    idle_timeout=self.idle_timeout, warning_s=float(params["signal_delay_s"]))
         try:
             with _Params(self.executor, params) as ex:
                 self.sbatch_calls += 1
