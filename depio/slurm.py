@@ -451,7 +451,7 @@ def _job_main(address: str, key_file: str, name: Optional[str], slots: int, hear
     (sbatch(1): "due to the resolution of event handling"), so it only tells that the limit is at
     most `warning_s + 60` s away: the worker's deadline is pulled in to that if its own clock said
     later (a slow job start), otherwise it keeps working by its clock."""
-    from worker.main import _on_sigterm, read_key
+    from worker.main import install_stop_signals, read_key
     key = read_key(key_file)
     os.environ.pop(P.KEY_ENV, None)
     jid = _slurm_job_id()
@@ -459,7 +459,7 @@ def _job_main(address: str, key_file: str, name: Optional[str], slots: int, hear
     deadline = None if not walltime_s else time.time() + walltime_s
     w = cls(address, key, slots=slots, name=(name or f"pilot-{jid}@{socket.gethostname()}"), heartbeat=heartbeat,
             liveness=liveness, idle_timeout=idle_timeout, slurm_job_id=jid, deadline=deadline, margin=margin)
-    signal.signal(signal.SIGTERM, _on_sigterm)          # scancel: leave cleanly (submitit ignores SIGTERM)
+    install_stop_signals(w)                             # scancel: leave cleanly (submitit ignores SIGTERM)
     if walltime_s and warning_s is not None:
         def warned(signum, frame):
             latest = time.time() + warning_s + 60.0

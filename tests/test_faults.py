@@ -691,3 +691,18 @@ def test_rogue_flood_does_not_disturb_a_pipeline_and_is_never_unpickled(workdir,
     assert_all_terminal(p.tasks)
     print(f"flood of {n_frames} frames; pipeline of {len(p.tasks)} tasks took {took:.1f} s, {during} squares "
           f"started during the flood; dropped: {d.bad_messages}")
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_while_a_worker_starts_is_quiet():
+    """A run can end before its last worker has started; the SIGTERM it then gets must stop it
+    cleanly at any point of its start-up (no traceback on the pipeline's stderr, no slot left)."""
+    env = dict(os.environ, DEPIO_KEY=P.new_key().hex(), PYTHONPATH=str(ROOT))
+    for delay in (0.02, 0.06, 0.1, 0.15, 0.2, 0.3):
+        proc = subprocess.Popen([sys.executable, "-m", "worker", "--connect", "tcp://127.0.0.1:1", "--slots", "2"],
+                                env=env, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+        assert "Traceback" not in err, (delay, err)
+        assert proc.returncode in (0, -signal.SIGTERM), (delay, proc.returncode, err)

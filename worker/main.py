@@ -74,6 +74,10 @@ class Worker:
         self.stopping: Optional[str] = None
         self.exit_code = 0
         self.slots_changed = True
+        # a signal handler only sets `stopping`; this pipe (signal.set_wakeup_fd) wakes the loop
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
 
     # ------------------------------------------------------------ sockets
     def _connect(self) -> None:
@@ -309,13 +313,16 @@ class Worker:
     # ------------------------------------------------------------ main loop
     def run(self) -> int:
         """Serve until told to stop, the dispatcher is gone, or idle too long. Returns the exit code."""
-        self.slots = [self._spawn_slot(i) for i in range(self.nslots)]
-        self._connect()
         poller, by_fd = zmq.Poller(), {}
         try:
+            # inside the try: a SIGTERM while still starting (the run it was for ended already)
+            # must stop the worker as quietly as one that arrives later
+            self.slots = [self._spawn_slot(i) for i in range(self.nslots)]
+            self._connect()
             while self.stopping is None:
                 if self.slots_changed:
                     poller, by_fd = zmq.Poller(), {}
+                    poller.register(self.wake_r, zmq.POLLIN)
                     poller.register(self.sock, zmq.POLLIN)
                     for slot in self.slots:
                         poller.register(slot.fileno(), zmq.POLLIN | (zmq.POLLOUT if slot.outbuf else 0))
@@ -334,6 +341,8 @@ class Worker:
                             self._on_slot_writable(slot)
                         if ev & (zmq.POLLIN | zmq.POLLERR) and self.slots[slot.index] is slot:
                             self._on_slot_readable(slot)
+                if self.wake_r in events:
+                    self._drain_wakeups()
                 if self.sock in events:
                     self._drain_socket()
                 self._check_timeouts()
@@ -345,6 +354,18 @@ class Worker:
         finally:
             self._shutdown()
         return self.exit_code
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next turn of the loop (safe to call from a signal handler)."""
+        if self.stopping is None:
+            self.stopping = reason
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
 
     def _drain_socket(self) -> None:
         while True:
@@ -425,8 +446,15 @@ class Worker:
             self.sock.close(linger=500)
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt
+def install_stop_signals(worker: Worker) -> None:
+    """SIGTERM and SIGINT stop the worker cleanly. The handler only sets a flag and wakes the loop
+    through a pipe: raising from a handler could hit the worker anywhere (in logging's locks, while
+    forking a slot) and leave it half stopped."""
+    def handler(signum, frame) -> None:
+        worker.request_stop(f"stopped by {signal.Signals(signum).name}")
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    signal.set_wakeup_fd(worker.wake_w, warn_on_full_buffer=False)
 
 
 def read_key(key_file: Optional[str]) -> bytes:
@@ -472,11 +500,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"depio-worker: {e}", file=sys.stderr)
         return 2
     os.environ.pop(P.KEY_ENV, None)      # not inherited by the tasks' processes
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    stopped_early: List[str] = []
+    signal.signal(signal.SIGTERM, lambda s, f: stopped_early.append("SIGTERM"))   # until the worker exists
     worker = Worker(args.connect, key, slots=args.slots, name=args.name, heartbeat=args.heartbeat,
                     liveness=args.liveness, idle_timeout=args.idle_timeout, parent_pid=args.parent_pid,
                     reconnect=args.reconnect, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""),
                     kill_grace=args.kill_grace)
+    install_stop_signals(worker)
+    if stopped_early:                 # the run it was started for ended already
+        return 0
     code = worker.run()
     if code:
         print(f"depio-worker: {worker.stopping}", file=sys.stderr, flush=True)

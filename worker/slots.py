@@ -55,6 +55,7 @@ def _frame(msg: object) -> bytes:
 
 
 def _slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
+    signal.set_wakeup_fd(-1)           # forked: the worker's wake-up pipe is not ours to write
     die_with_parent()
     if os.getppid() != parent_pid:     # the worker died before prctl took effect
         os._exit(1)
