@@ -132,6 +132,9 @@ class RunLogs:
         (`task.stdout_path`, `task.stderr_path`; None when the task printed nothing there)."""
         if self.folder is None:
             return
+        if not task.get_stdout() and not task.get_stderr():   # the common case: no file, no path to build
+            task.stdout_path = task.stderr_path = None
+            return
         out_path, err_path = self.paths(task)
         for text, path, attr in ((task.get_stdout(), out_path, "stdout_path"),
                                  (task.get_stderr(), err_path, "stderr_path")):
