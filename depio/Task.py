@@ -219,9 +219,6 @@ class Task:
         args_dict = dict(plan.defaults) if plan.defaults else {}
         args_dict.update(zip(plan.positional, self.func_args))
         args_dict.update(self.func_kwargs)
-        self._args_dict = args_dict
-        self.cleaned_args: Dict[str, Any] = (
-            {k: v for k, v in args_dict.items() if k not in plan.ignored} if plan.ignored else args_dict)
 
         self._plan = plan
         # set later (by add_task and the resolver); assigned here so that every task's attribute
@@ -274,6 +271,22 @@ class Task:
     @slurm_parameters.setter
     def slurm_parameters(self, value: Dict) -> None:
         self._slurm_parameters = dict(value or {})
+
+    @property
+    def _args_dict(self) -> Dict[str, Any]:
+        """Every argument by name (defaults of file arguments included), rebuilt on demand: kept per
+        task it would cost a dict each, and it is needed only for equality and error messages."""
+        plan = self._plan
+        args = dict(plan.defaults) if plan.defaults else {}
+        args.update(zip(plan.positional, self.func_args))
+        args.update(self.func_kwargs)
+        return args
+
+    @property
+    def cleaned_args(self) -> Dict[str, Any]:
+        """The arguments that make two tasks equal (those not marked IgnoredForEq)."""
+        args, ignored = self._args_dict, self._plan.ignored
+        return {k: v for k, v in args.items() if k not in ignored} if ignored else args
 
     def argument_of(self, path: Path, kind: str = "product") -> Optional[str]:
         """The name of the argument a product (or dependency) path came from, for error messages."""
