@@ -66,12 +66,23 @@ def no_leftover_processes():
     assert not left, f"processes left behind by the test: {left}"
 
 
-def run_script(path: Path, cwd: Path, timeout: float = 60, env=None, **kw) -> subprocess.CompletedProcess:
+def script_env(env=None) -> dict:
+    """This environment, with this checkout first on the import path, plus `env`."""
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.update(env or {})
+    return e
+
+
+def run_script(path: Path, cwd: Path, timeout: float = 60, env=None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(path)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=e, stdin=subprocess.DEVNULL, **kw)
+                          timeout=timeout, env=script_env(env), stdin=subprocess.DEVNULL, **kw)
+
+
+def popen_script(path: Path, cwd: Path, env=None) -> subprocess.Popen:
+    """A script running in the background, stdout and stderr together in `.stdout`."""
+    return subprocess.Popen([sys.executable, str(path)], cwd=cwd, env=script_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
 
 
 # ---------------------------------------------------------------- a real Slurm (scripts/local-slurm.sh)

@@ -8,17 +8,14 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, script_env
 
 CLI = "import sys; from depio.cli import main; sys.exit(main())"
 
 
 def depio(*args, cwd=None, env=None):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e.update(env or {})
     return subprocess.run([sys.executable, "-c", CLI, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=60, env=e, stdin=subprocess.DEVNULL)
+                          timeout=60, env=script_env(env), stdin=subprocess.DEVNULL)
 
 
 @pytest.mark.timeout(60)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, popen_script, run_script
 
 pytestmark = pytest.mark.slurm
 
@@ -192,10 +191,7 @@ def test_scancel_pilot_mid_task(slurm_env):
             print("RAN", t.name, t.result, t.attempts)
         sys.exit(code)
     """))
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=slurm_env, env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    proc = popen_script(script, slurm_env)
     try:
         deadline = time.monotonic() + 60
         victim = None
@@ -241,10 +237,7 @@ def test_ctrl_c_cancels_every_job(slurm_env, mode):
             p.add_task(Task(f"slow{{i}}", slow, [i]))
         sys.exit(p.run())
     """))
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=slurm_env, env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    proc = popen_script(script, slurm_env)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not list(slurm_env.glob("running-*")):
@@ -285,10 +278,7 @@ def test_per_task_job_killed_by_slurm_fails_with_reason(slurm_env):
         p.add_task(Task("victim", victim))
         sys.exit(p.run())
     """))
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=slurm_env, env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    proc = popen_script(script, slurm_env)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not list(slurm_env.glob("job-*")):
@@ -310,14 +300,6 @@ def test_per_task_job_killed_by_slurm_fails_with_reason(slurm_env):
 
 
 # ---------------------------------------------------------------- Slurm's time limit (TIMEOUT), per-task mode
-
-def _popen_script(path: Path, cwd: Path, env=None) -> subprocess.Popen:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e.update(env or {})
-    return subprocess.Popen([sys.executable, str(path)], cwd=cwd, env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-
 
 def _finish(proc: subprocess.Popen, folder: Path) -> None:
     """Cleanup for a test's pipeline: stop it (by its pid) and cancel the Slurm jobs it created (by id)."""
@@ -353,7 +335,7 @@ def test_per_task_job_timeout_fails_with_slurm_reason(slurm_env):
         sys.exit(code)
     """))
     t0 = time.monotonic()
-    proc = _popen_script(script, slurm_env)
+    proc = popen_script(script, slurm_env)
     try:
         out, _ = proc.communicate(timeout=150)
     finally:
@@ -416,7 +398,7 @@ def test_pilots_leave_before_walltime_and_are_replaced(slurm_env):
         sys.exit(code)
     """))
     t0 = time.monotonic()
-    proc = _popen_script(script, slurm_env)
+    proc = popen_script(script, slurm_env)
     try:
         out, _ = proc.communicate(timeout=150)
     finally:
@@ -502,7 +484,7 @@ def test_pilots_ask_slurm_at_most_every_30_s(slurm_env):
         sys.exit(code)
     """))
     t0 = time.monotonic()
-    proc = _popen_script(script, slurm_env, env={"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"})
+    proc = popen_script(script, slurm_env, env={"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"})
     try:
         out, _ = proc.communicate(timeout=130)
     finally:
