@@ -5,7 +5,6 @@ another protocol version or runtime) against an in-process dispatcher on loopbac
 """
 from __future__ import annotations
 
-import hmac
 import os
 import pickle
 import subprocess
@@ -83,18 +82,36 @@ def test_nothing_is_unpickled_before_the_signature_is_checked(tmp_path, monkeypa
             return real_loads(data, *a, **kw)
 
     monkeypatch.setattr(P, "pickle", CountingPickle)
-    for frames in ([P.HEADER, body, hmac.digest(OTHER_KEY, P.HEADER + body, "sha256")],
-                   [P.HEADER, body, b""], [P.HEADER, body], [b"depio/2", body, hmac.digest(KEY, b"depio/2" + body, "sha256")]):
+    for frames in ([P.HEADER, body, P.sign(OTHER_KEY, P.HEADER + body)],
+                   [P.HEADER, body, b""], [P.HEADER, body], [b"depio/99", body, P.sign(KEY, b"depio/99" + body)]):
         with pytest.raises(P.ProtocolError):
             P.decode(frames, KEY)
     assert loads == [] and not marker.exists()
 
 
-def test_signed_but_unknown_message_type_is_rejected():
-    body = pickle.dumps({"not": "a message"})
+@pytest.mark.parametrize("wire, kind", [
+    ({"not": "a message"}, "unknown"),
+    ((), "unknown"),
+    ((999, "x"), "unknown"),                                        # no such tag
+    ((P.MESSAGE_TYPES.index(P.TaskSpec), 1, 1), "unknown"),         # a payload type, not a message
+    ((P.MESSAGE_TYPES.index(P.RequestWork), 1, 2, 3), "malformed"),  # too many fields
+    ((P.MESSAGE_TYPES.index(P.RunTasks), [(1, ("too", "short"))]), "malformed"),
+])
+def test_signed_but_not_a_message_is_rejected(wire, kind):
+    body = pickle.dumps(wire)
     with pytest.raises(P.ProtocolError) as e:
-        P.decode([P.HEADER, body, hmac.digest(KEY, P.HEADER + body, "sha256")], KEY)
-    assert e.value.kind == "unknown"
+        P.decode([P.HEADER, body, P.sign(KEY, P.HEADER + body)], KEY)
+    assert e.value.kind == kind
+
+
+def test_every_message_survives_the_wire_form():
+    spec = P.TaskSpec(3, 1, "t", b"d" * 16, b"args", ("out.txt",), ("in.txt",), 2.5)
+    result = P.TaskResult(3, 1, 1.0, 2.0, "out", "err", None, b"v", "w1")
+    lost = P.TaskLost(3, 1, "worker gone")
+    for msg in (P.RunTasks(((7, spec),), {b"d" * 16: b"fn"}), P.Submit((spec, spec), {}),
+                P.WorkerReport(((7, 1.5),), ((7, result),), 4), P.ClientReport(((3, 1, 1.5, "w1"),), (result,), (lost,)),
+                P.Register("w", "h", 1, 2), P.Heartbeat(), P.CancelTasks(None, "x"), P.StatusReply({"a": [1]})):
+        assert P.decode(P.encode(msg, KEY), KEY) == msg
 
 
 def test_plain_refusal_only_where_asked_for():
@@ -224,7 +241,7 @@ def test_worker_with_a_wrong_key_is_refused_on_both_sides(dispatcher):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("pretend, words", [
-    ("protocol99", ["protocol mismatch", "depio/99", "depio/1"]),
+    ("protocol99", ["protocol mismatch", "depio/99", P.HEADER.decode()]),
     ("cloudpickle99", ["runtime differs", "cloudpickle 99"]),
     ("python3.99", ["runtime differs", "python 3.99"]),
 ])
