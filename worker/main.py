@@ -32,6 +32,7 @@ log = logging.getLogger("depio.worker")
 DEFAULT_HEARTBEAT = 1.0
 DEFAULT_LIVENESS = 3
 DEFAULT_KILL_GRACE = 2.0    # seconds between SIGTERM and SIGKILL for a cancelled task
+START_REPORT_DELAY = 0.01   # a start rides with its task's result if that comes this soon (seconds)
 
 
 class Worker:
@@ -65,7 +66,8 @@ class Worker:
         self.open_credits = 0
         self.avg_duration = 0.5      # seconds, moving average: decides the prefetch (unknown: no prefetch)
         self.samples = 0
-        self.started: List[Tuple[int, float]] = []
+        self.started: List[Tuple[int, float]] = []   # (job id, time) not reported yet
+        self.first_unreported_start: Optional[float] = None   # time.monotonic() of started[0]
         self.done: List[Tuple[int, TaskResult]] = []
         self.last_sent = 0.0
         self.last_heard = 0.0
@@ -151,7 +153,7 @@ class Worker:
             if not batch:
                 continue
             if not slot.assigned:
-                self.started.append((batch[0][0], time.time()))
+                self._note_start(batch[0][0], time.time())
             try:
                 slot.give(batch, self.functions)
             except OSError:
@@ -214,6 +216,7 @@ class Worker:
                 slot.assigned.clear()
                 self._replace_slot(slot, graceful=True)
         self.started.clear()
+        self.first_unreported_start = None
         self.done.clear()
 
     # ------------------------------------------------------------ results from slots
@@ -239,7 +242,7 @@ class Worker:
         now = time.time()
         slot.head_started = now
         if slot.assigned:
-            self.started.append((slot.assigned[0][0], now))
+            self._note_start(slot.assigned[0][0], now)
 
     def _on_slot_writable(self, slot: Slot) -> None:
         try:
@@ -277,10 +280,17 @@ class Worker:
                 self._replace_slot(slot)
 
     # ------------------------------------------------------------ outgoing
+    def _note_start(self, jid: int, when: float) -> None:
+        if not self.started:
+            self.first_unreported_start = time.monotonic()
+        self.started.append((jid, when))
+
     def _flush(self) -> None:
-        """One report per loop turn: starts, results and new credits together. Credits are granted in
-        chunks (a quarter of the capacity, or whatever brings an idle worker work) so that short tasks
-        travel in batches; a start whose result goes in the same report is not sent separately."""
+        """At most one report per loop turn: starts, results and new credits together. Credits are
+        granted in chunks (a quarter of the capacity, or whatever brings an idle worker work) so that
+        short tasks travel in batches. A start waits up to START_REPORT_DELAY for its result, so that a
+        short task costs one message to the dispatcher and one wake-up of the pipeline, not two; a
+        start whose result goes in the same report is not sent at all."""
         if not self.registered:
             return
         want = 0
@@ -289,7 +299,9 @@ class Worker:
             want = capacity - self._held() - self.open_credits
             if want < max(1, capacity // 4) and (self._held() or self.open_credits):
                 want = 0
-        if not (self.started or self.done or want > 0):
+        starts_due = bool(self.started) and \
+            time.monotonic() - self.first_unreported_start >= START_REPORT_DELAY
+        if not (self.done or want > 0 or starts_due):
             return
         started = self.started
         if started and self.done:
@@ -299,6 +311,7 @@ class Worker:
         if want > 0:
             self.open_credits += want
         self.started, self.done = [], []
+        self.first_unreported_start = None
 
     def _next_wakeup(self) -> float:
         now = time.monotonic()
@@ -308,6 +321,8 @@ class Worker:
             wake = min(wake, now + (min(deadlines) - time.time()))
         if self.dying:
             wake = min(wake, now + 0.1, min(d for _, d in self.dying))   # reap promptly, SIGKILL on time
+        if self.started:
+            wake = min(wake, self.first_unreported_start + START_REPORT_DELAY)
         return max(0.0, wake - now)
 
     # ------------------------------------------------------------ main loop
@@ -368,11 +383,8 @@ class Worker:
             pass
 
     def _drain_socket(self) -> None:
-        while True:
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:     # cheaper than a zmq.Again raised
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
             self.last_heard = time.monotonic()
             try:
                 msg = P.decode(frames, self.key, accept_refusal=True)
