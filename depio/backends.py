@@ -82,7 +82,7 @@ class DispatcherBackend(Backend):
         from .dispatcher import Dispatcher
         if self.pool_address is None:
             self.dispatcher = Dispatcher(self.key, self.bind_address, heartbeat=self.heartbeat,
-                                         liveness=self.liveness).start()
+                                         liveness=self.liveness, remote_clients=False).start()
             self.client = self.dispatcher.attach_local(self.name, self._deliver)
         else:
             self.client = DispatcherClient(self.pool_address, self.key, self.name, self._deliver, self._lost,

@@ -124,7 +124,7 @@ class Dispatcher:
 
     def __init__(self, key: bytes, worker_address: str = "tcp://127.0.0.1:*",
                  client_address: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
-                 context: Optional[zmq.Context] = None, name: str = "dispatcher"):
+                 context: Optional[zmq.Context] = None, name: str = "dispatcher", remote_clients: bool = True):
         self.key = key
         self.heartbeat = heartbeat
         self.liveness = liveness
@@ -143,8 +143,12 @@ class Dispatcher:
         self.workers_lost = 0
         self.late_results = 0       # results of attempts given up on (worker declared lost, job cancelled)
         self._worker_address_requested = worker_address
-        self.client_address = client_address or f"inproc://depio-clients-{uuid.uuid4().hex}"
-        self._control_address = f"inproc://depio-control-{uuid.uuid4().hex}"
+        # `remote_clients=False` (a pipeline's own dispatcher: its one client is in this process): no
+        # client socket at all, one socket less to look at on every turn of the loop
+        self.remote_clients = remote_clients
+        self.client_address = (client_address or f"inproc://depio-clients-{uuid.uuid4().hex}") if remote_clients else ""
+        self._stop_reason: Optional[str] = None
+        self._next_liveness_check = 0.0
         self.worker_address = ""
         self._thread: Optional[threading.Thread] = None
         self._ready = threading.Event()
@@ -157,31 +161,28 @@ class Dispatcher:
 
     # ------------------------------------------------------------ life cycle
     def start(self) -> "Dispatcher":
-        self._wsock = self.ctx.socket(zmq.ROUTER)
-        self._csock = self.ctx.socket(zmq.ROUTER)
-        for s in (self._wsock, self._csock):
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 0)
-            s.setsockopt(zmq.RCVHWM, 0)
-            s.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        addr = self._worker_address_requested
-        if "[" in addr or "::" in addr:
-            self._wsock.setsockopt(zmq.IPV6, 1)
-        self._wsock.bind(addr)
+        self._wsock = self._router(self._worker_address_requested)
         self.worker_address = self._wsock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        if self.client_address.startswith("tcp://") and ("[" in self.client_address or "::" in self.client_address):
-            self._csock.setsockopt(zmq.IPV6, 1)
-        self._csock.bind(self.client_address)
-        self.client_address = self._csock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._csock = None
+        if self.remote_clients:
+            self._csock = self._router(self.client_address)
+            self.client_address = self._csock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self._ctl_pull = self.ctx.socket(zmq.PAIR)
-        self._ctl_pull.bind(self._control_address)
-        self._ctl_push = self.ctx.socket(zmq.PAIR)
-        self._ctl_push.connect(self._control_address)
         self._thread = threading.Thread(target=self._loop, name=f"depio-{self.name}", daemon=True)
         self._thread.start()
         return self
+
+    def _router(self, address: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if address.startswith("tcp://") and ("[" in address or "::" in address):
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.bind(address)
+        return sock
 
     @property
     def alive(self) -> bool:
@@ -190,12 +191,9 @@ class Dispatcher:
     def stop(self, reason: str = "dispatcher stopping", timeout: float = 5.0) -> None:
         if self._thread is None:
             return
-        try:
-            self._ctl_push.send_string(reason)
-        except zmq.ZMQError:
-            pass
+        self._local_inbox.append((b"", ("stop", reason)))
+        self._wake()
         self._thread.join(timeout)
-        self._ctl_push.close(linger=0)
         os.close(self._wake_w)
         self._thread = None
 
@@ -250,23 +248,23 @@ class Dispatcher:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._wsock, zmq.POLLIN)
-        poller.register(self._csock, zmq.POLLIN)
-        poller.register(self._ctl_pull, zmq.POLLIN)
+        if self._csock is not None:
+            poller.register(self._csock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         self._ready.set()
         reason = "dispatcher stopping"
         try:
-            while True:
+            while self._stop_reason is None:
                 events = dict(poller.poll(self.heartbeat * 1000 / 2))
-                if self._ctl_pull in events:
-                    reason = self._ctl_pull.recv_string()
-                    break
                 if self._wsock in events:
                     self._drain(self._wsock, "worker", self._on_worker_message)
-                if self._csock in events:
+                if self._csock is not None and self._csock in events:
                     self._drain(self._csock, "client", self._on_client_message)
                 if self._wake_r in events:
                     self._drain_local()
+                if self._stop_reason is not None:
+                    reason = self._stop_reason
+                    break
                 self._assign()
                 self._check_liveness()
                 self._flush_reports()
@@ -280,8 +278,8 @@ class Dispatcher:
             for c in list(self.clients.values()):
                 self._send_client(c, P.Shutdown(reason))
             self._wsock.close(linger=200)
-            self._csock.close(linger=200)
-            self._ctl_pull.close(linger=0)
+            if self._csock is not None:
+                self._csock.close(linger=200)
             os.close(self._wake_r)
 
     # ------------------------------------------------------------ clients in this process
@@ -306,6 +304,9 @@ class Dispatcher:
             pass
         while self._local_inbox:
             identity, msg = self._local_inbox.popleft()
+            if isinstance(msg, tuple) and msg[0] == "stop":
+                self._stop_reason = msg[1]
+                return
             if isinstance(msg, tuple):
                 _, name, deliver = msg
                 c = ClientInfo(identity, self._next_client, name, platform.node(), os.getpid(), deliver=deliver)
@@ -317,10 +318,9 @@ class Dispatcher:
 
     def _drain(self, sock: zmq.Socket, kind: str, handler) -> None:
         for _ in range(1000):     # bounded, so that a flooded socket delays neither the other one nor assignment
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:    # cheaper than a zmq.Again raised
                 return
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             if len(frames) < 2:
                 self._bad(kind, b"", P.ProtocolError("malformed", "no identity frame"))
                 continue
@@ -568,7 +568,11 @@ class Dispatcher:
 
     # ------------------------------------------------------------ liveness
     def _check_liveness(self) -> None:
+        """At most a few times per heartbeat interval, not on every turn of a busy loop."""
         now = time.monotonic()
+        if now < self._next_liveness_check:
+            return
+        self._next_liveness_check = now + self.heartbeat / 4
         limit = self.heartbeat * self.liveness
         for w in self.workers:
             if now - w.last_heard > limit:
