@@ -62,6 +62,7 @@ class LocalLauncher:
         self.restarts = 0
         self._stopping = False
         self._lock = threading.Lock()
+        self._exited = threading.Condition()     # notified by the watch threads as workers end
         self.on_all_gone: Optional[Callable[[str], None]] = None
 
     def start(self, address: str, key: bytes) -> None:
@@ -84,6 +85,8 @@ class LocalLauncher:
     def _watch(self, proc: subprocess.Popen) -> None:
         """Waits on one worker process (a blocking wait, not a poll); replaces it if it dies early."""
         code = proc.wait()
+        with self._exited:
+            self._exited.notify_all()
         if self._stopping:
             return
         pointless = NO_RESTART_CODES.get(code)
@@ -128,14 +131,9 @@ class LocalLauncher:
                         os.kill(p.pid, signal.SIGTERM)
                     except ProcessLookupError:
                         pass
-        deadline = time.monotonic() + grace
-        for p in procs:
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        self._wait_exit(procs, grace)
         for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
-            left = [p for p in procs if p.poll() is None]
+            left = [p for p in procs if p.returncode is None]
             if not left:
                 return
             for p in left:
@@ -143,8 +141,10 @@ class LocalLauncher:
                     os.kill(p.pid, sig)
                 except ProcessLookupError:
                     pass
-            for p in left:
-                try:
-                    p.wait(wait)
-                except subprocess.TimeoutExpired:
-                    pass
+            self._wait_exit(left, wait)
+
+    def _wait_exit(self, procs: List[subprocess.Popen], timeout: float) -> None:
+        """Until every one of `procs` has been reaped by its watch thread, or `timeout` s. (Not
+        Popen.wait(timeout): that polls with sleeps of up to 50 ms, and every run waits here.)"""
+        with self._exited:
+            self._exited.wait_for(lambda: all(p.returncode is not None for p in procs), timeout)

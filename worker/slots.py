@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import signal
@@ -273,8 +274,9 @@ def stop_slots(slots, grace: float) -> None:
     pending = list(slots)
     while pending:
         pending = [s for s in pending if not s.finish_stop(deadline)]
-        if pending:
-            time.sleep(0.02)
+        if pending:      # until one exits (its sentinel becomes readable), or the grace period ends
+            multiprocessing.connection.wait([s.process.sentinel for s in pending],
+                                            max(0.0, min(0.1, deadline - time.monotonic())))
 
 
 def slot_context():
