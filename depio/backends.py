@@ -41,6 +41,10 @@ class Backend(ABC):
     def cancel(self, keys: Optional[Sequence[int]], reason: str) -> None:
         """Drop queued and kill running attempts of these tasks (None: all)."""
 
+    def warm_up(self) -> None:
+        """A task will be submitted soon: start what takes long to start (workers), so that it starts
+        while the scheduler still decides about the other tasks."""
+
     def wait(self, done: threading.Event, timeout: float) -> bool:
         return done.wait(timeout)
 
@@ -118,6 +122,10 @@ class DispatcherBackend(Backend):
             self.scheduler.tell(BackendFailed(reason))
         except pykka.ActorDeadError:
             pass
+
+    def warm_up(self) -> None:
+        if not self._started:
+            self._start()
 
     def submit(self, specs, functions) -> None:
         if not self._started:

@@ -86,6 +86,7 @@ class SchedulerActor(pykka.ThreadingActor):
         self.paused = False
         self.cancelled: Optional[str] = None
         self.sent_functions: set = set()
+        self.warmed_up = False
 
     # ------------------------------------------------------------ message entry
     def on_receive(self, msg):
@@ -147,6 +148,9 @@ class SchedulerActor(pykka.ThreadingActor):
             else:
                 t.reason = reason
                 self.ready.append(i)
+                if not self.warmed_up:     # the first runnable task: workers boot while the rest is decided
+                    self.warmed_up = True
+                    self.backend.warm_up()
 
     def _submit_ready(self) -> None:
         if self.paused or self.cancelled or not self.ready:
