@@ -78,7 +78,8 @@ def error_to_exception(error: Dict[str, str]) -> DepioError:
 # ---------------------------------------------------------------- capture in a slot process
 
 class FdCapture:
-    """Redirects file descriptors 1 and 2 into two reusable temp files for the length of a task."""
+    """Redirects file descriptors 1 and 2 into two reusable temp files for the length of a task.
+    Use: `with capture: ...`, then `capture.read()` (which also notes which file needs emptying)."""
 
     LIMIT = 1 << 20   # what is sent back per stream: the last MiB (a task may print gigabytes)
 
@@ -86,13 +87,16 @@ class FdCapture:
         self._fds = [tempfile.TemporaryFile(prefix="depio-out-", buffering=0),
                      tempfile.TemporaryFile(prefix="depio-err-", buffering=0)]
         self._saved = [os.dup(1), os.dup(2)]
+        self._written = [False, False]   # files left non-empty by the last task (most tasks print nothing)
 
     def __enter__(self) -> "FdCapture":
         sys.stdout.flush()
         sys.stderr.flush()
-        for target, f in zip((1, 2), self._fds):
-            os.ftruncate(f.fileno(), 0)
-            os.lseek(f.fileno(), 0, os.SEEK_SET)
+        for i, (target, f) in enumerate(zip((1, 2), self._fds)):
+            if self._written[i]:
+                os.ftruncate(f.fileno(), 0)
+                os.lseek(f.fileno(), 0, os.SEEK_SET)
+                self._written[i] = False
             os.dup2(f.fileno(), target)
         return self
 
@@ -107,12 +111,13 @@ class FdCapture:
 
     def read(self) -> Tuple[str, str]:
         out = []
-        for f in self._fds:
+        for i, f in enumerate(self._fds):
             fd = f.fileno()
             size = os.fstat(fd).st_size
             if not size:
                 out.append("")
                 continue
+            self._written[i] = True
             start = max(0, size - self.LIMIT)
             text = os.pread(fd, size - start, start).decode("utf-8", "replace")
             out.append(f"[... {start} bytes cut ...]\n{text}" if start else text)

@@ -123,6 +123,24 @@ def test_output_capture_results_and_product_checks(workdir):
     assert stale.status[0] is S.FAILED and stale.error["kind"] == "ProductNotUpdatedException"
 
 
+def say(text: str, i: int = 0):
+    if text:
+        print(text)
+        os.write(2, text.encode() + b"!")
+
+
+def test_each_task_gets_only_its_own_output_in_one_slot(workdir):
+    """One slot, tasks in a row: the capture files are reused, and must hold only the task's own
+    output (emptied after a task that printed, left alone after one that did not)."""
+    texts = ["a long first line " * 20, "", "", "short", "", "x", ""]
+    p = Pipeline(ParallelExecutor(workers=1, slots_per_worker=1), quiet=True)
+    tasks = [p.add_task(Task(f"say{i}", say, [text, i])) for i, text in enumerate(texts)]
+    assert p.run() == 0
+    for t, text in zip(tasks, texts):
+        assert t.get_stdout() == (text + "\n" if text else ""), t.name
+        assert t.get_stderr() == (text + "!" if text else ""), t.name
+
+
 def test_dependency_gone_at_run_time(workdir):
     Path("input").touch()
 

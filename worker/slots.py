@@ -22,7 +22,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 import cloudpickle
 
 from depio.execution import FdCapture, call_task
-from depio.protocol import TaskResult, TaskSpec
+from depio.protocol import TaskResult, TaskSpec, as_tuple
 
 VALUE_LIMIT = 1 << 20   # return values larger than this are not sent back
 
@@ -51,6 +51,8 @@ FLUSH_AFTER = 0.002     # a slot sends finished results at least this often whil
 
 
 def _frame(msg: object) -> bytes:
+    """Length-prefixed pickle. Specs and results cross as plain tuples (`as_tuple`): a class
+    reference in a pickle costs more than the rest of a small one."""
     body = pickle.dumps(msg, protocol=5)
     return len(body).to_bytes(4, "little") + body
 
@@ -82,7 +84,7 @@ def _slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
             since = time.monotonic()
             batch = msg[1]
             for k, (jid, spec) in enumerate(batch):
-                done.append((jid, _run(spec, functions, blobs, capture, worker_name)))
+                done.append((jid, as_tuple(_run(TaskSpec(*spec), functions, blobs, capture, worker_name))))
                 if k == len(batch) - 1 or time.monotonic() - since >= FLUSH_AFTER:
                     sock.sendall(_frame(("done", done)))
                     done, since = [], time.monotonic()
@@ -172,7 +174,7 @@ class Slot:
         if not self.assigned:
             self.head_started = time.time()
         self.assigned.extend(tasks)
-        self._send(("run", tasks))
+        self._send(("run", [(jid, as_tuple(spec)) for jid, spec in tasks]))
 
     def receive(self) -> List[Tuple[int, TaskResult]]:
         """Everything the slot has sent so far. Raises EOFError when the slot is gone."""
@@ -191,7 +193,7 @@ class Slot:
             size = int.from_bytes(buf[pos:pos + 4], "little")
             if len(buf) - pos - 4 < size:
                 break
-            results.extend(pickle.loads(buf[pos + 4:pos + 4 + size])[1])
+            results.extend([(jid, TaskResult(*r)) for jid, r in pickle.loads(buf[pos + 4:pos + 4 + size])[1]])
             pos += 4 + size
         del buf[:pos]
         return results
