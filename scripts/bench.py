@@ -4,6 +4,7 @@
     python scripts/bench.py                      # every workload once
     python scripts/bench.py --only noop10k,chain1k --repeat 3
     python scripts/bench.py --list
+    python scripts/bench.py --pool                # the run workloads again, on a warm local pool
 
 Each workload runs in a fresh subprocess (so peak RSS and CPU figures do not mix) with a fresh
 temporary working directory, 2 local workers x 1 slot unless said otherwise. The parent prints one
@@ -13,6 +14,10 @@ JSON line per workload (the median over `--repeat` runs) with:
     rss_peak_mb (pipeline process, ru_maxrss), cpu_scheduler_s (the pipeline process),
     cpu_workers_s (reaped children: workers and their slots), vs_zmq (rate as a ratio of the raw
     pyzmq baseline measured in the same run), target / target_status (met | missed).
+
+`--pool` starts a local pool (`depio pool start --local 2 --slots 1`, its own DEPIO_HOME) and runs
+the workloads that use workers against it (`PoolExecutor`): the same runtime without starting and
+stopping worker processes in each run. Its lines say `"mode": "pool"`.
 
 Timing bases: `seconds` is the wall time of the measured call (`Pipeline.run()` for the run
 workloads, so it includes starting and stopping the workers). `steady_*` fields measure from the
@@ -82,7 +87,13 @@ def _rss_peak_mb() -> float:
     return kb / 1024.0 if sys.platform.startswith("linux") else kb / 2 ** 20
 
 
+POOL_ENV = "DEPIO_BENCH_POOL"      # set by --pool for the children: the pool's name
+
+
 def _executor():
+    if os.environ.get(POOL_ENV):
+        from depio import PoolExecutor
+        return PoolExecutor(os.environ[POOL_ENV])
     from depio import ParallelExecutor
     return ParallelExecutor(workers=WORKERS, slots_per_worker=SLOTS)
 
@@ -359,6 +370,40 @@ RATIOS = {
 }
 
 
+RUN_WORKLOADS = ("noop10k", "chain1k", "fan5k", "sleep", "startup")   # the ones that use workers
+
+
+class LocalPool:
+    """A pool of WORKERS x SLOTS local workers in a private DEPIO_HOME, for --pool."""
+
+    def __init__(self, env: Dict[str, str]):
+        self.home = tempfile.mkdtemp(prefix="depio-bench-home-")
+        self.env = dict(env, DEPIO_HOME=self.home)
+        self.env.pop("DEPIO_POOL", None)
+
+    def _cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "depio.cli", "pool", *args, "--name", "bench"],
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def __enter__(self) -> Dict[str, str]:
+        r = self._cli("start", "--local", str(WORKERS), "--slots", str(SLOTS), "--detach")
+        if r.returncode != 0:
+            raise RuntimeError(f"cannot start the bench pool: {r.stdout}{r.stderr}")
+        code = ("import sys, time; from depio.pool import status\n"
+                "deadline = time.time() + 30\n"
+                "while len(status('bench')['workers']) < int(sys.argv[1]):\n"
+                "    assert time.time() < deadline, 'the pool workers did not register'\n"
+                "    time.sleep(0.05)\n")
+        subprocess.run([sys.executable, "-c", code, str(WORKERS)], env=self.env, check=True, timeout=60)
+        return dict(self.env, **{POOL_ENV: "bench"})
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._cli("stop")
+        finally:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- child entry
 
 def child(name: str) -> None:
@@ -428,6 +473,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs per workload; the median is printed [1]")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per child run [120]")
     ap.add_argument("--list", action="store_true", help="list the workloads and exit")
+    ap.add_argument("--pool", action="store_true",
+                    help=f"run the workloads that use workers ({', '.join(RUN_WORKLOADS)}) on a warm local pool")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--zmq-echo", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -442,6 +489,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(name)
         return 0
     names = list(WORKLOADS) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.pool and not args.only:
+        names = list(RUN_WORKLOADS)
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         ap.error(f"unknown workload(s): {', '.join(unknown)} (known: {', '.join(WORKLOADS)})")
@@ -453,16 +502,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("PYTHONHASHSEED", "0")
     started = time.time()
+    pool = LocalPool(env) if args.pool else None
+    try:
+        if pool is not None:
+            pool_env = pool.__enter__()
+        missed = _run_all(names, args, env, pool_env if pool is not None else None, show_baseline)
+    finally:
+        if pool is not None:
+            pool.__exit__()
+    print(json.dumps({"name": "_summary", "workloads": len(names), "targets_missed": missed,
+                      "wall_s": round(time.time() - started, 1), "python": sys.version.split()[0],
+                      "cpus": os.cpu_count(), "repeat": args.repeat, "mode": "pool" if args.pool else "cold"}),
+          flush=True)
+    return 0
+
+
+def _run_all(names: List[str], args: argparse.Namespace, env: Dict[str, str], pool_env: Optional[Dict[str, str]],
+             show_baseline: bool) -> int:
+    """Run and print each workload (the baseline first); the number of targets missed."""
     baseline: Dict[str, Any] = {}
     missed = 0
     for name in names:
-        runs = [run_child(name, args.timeout, env) for _ in range(max(1, args.repeat))]
+        child_env = pool_env if pool_env is not None and name in RUN_WORKLOADS else env
+        runs = [run_child(name, args.timeout, child_env) for _ in range(max(1, args.repeat))]
         r = median_result(runs)
         if name == "zmq_baseline":
             baseline = r
             if not show_baseline:
                 continue
         line: Dict[str, Any] = {"name": name}
+        if pool_env is not None and name in RUN_WORKLOADS:
+            line["mode"] = "pool"
         line.update(r)
         if name in RATIOS and "error" not in r and baseline and "error" not in baseline:
             metric, base, kind = RATIOS[name]
@@ -478,10 +548,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if line["target_status"] != "met":
                 missed += 1
         print(json.dumps({k: _round(v) for k, v in line.items()}), flush=True)
-    print(json.dumps({"name": "_summary", "workloads": len(names), "targets_missed": missed,
-                      "wall_s": round(time.time() - started, 1), "python": sys.version.split()[0],
-                      "cpus": os.cpu_count(), "repeat": args.repeat}), flush=True)
-    return 0
+    return missed
 
 
 if __name__ == "__main__":
