@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import sys
 import time
 import typing
 from pathlib import Path, PurePath
@@ -113,10 +114,34 @@ def _get_not_updated_products(product_timestamps_after_running: Dict,
 
 # ---------------------------------------------------------------- per-function plan (cached)
 
-class _FunctionPlan:
-    """What depio needs to know about a function, computed once per function."""
+_SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
 
-    __slots__ = ('func', 'positional', 'products', 'dependencies', 'ignored', 'defaults')
+
+class _Missing:
+    """Hash stand-in for an argument a call does not have; one instance, kept by copy and pickle
+    (a copied task must hash as the original does)."""
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+_NO_EXTRAS = frozenset()   # the extra-keyword part of the hash when there are none
+
+
+class _FunctionPlan:
+    """What depio needs to know about a function, computed once per function.
+
+    `*_slots` say where each named argument sits in a call, as (name, position, default):
+    looking a value up through them gives what `_args_dict.get(name)` would, without building
+    the dict (a Task is built 100,000 times; the function's signature is read once)."""
+
+    __slots__ = ('func', 'positional', 'products', 'dependencies', 'ignored', 'defaults',
+                 'product_slots', 'dependency_slots', 'hash_slots', 'hash_names')
 
     def __init__(self, func: Callable):
         self.func = func
@@ -132,6 +157,19 @@ class _FunctionPlan:
                     self.defaults[p.name] = p.default
         except (TypeError, ValueError):
             pass
+        position = {n: k for k, n in enumerate(self.positional)}
+        nowhere = sys.maxsize      # not positional: only a keyword or a default can give a value
+
+        def slot(name: str, missing: Any) -> tuple:
+            return name, position.get(name, nowhere), self.defaults.get(name, missing)
+
+        self.product_slots = tuple(slot(n, None) for n in self.products)
+        self.dependency_slots = tuple(slot(n, None) for n in self.dependencies)
+        # the names every call is hashed by, in a fixed order; any other keyword is hashed as a set
+        names = [n for n in self.positional if n not in self.ignored]
+        names += [n for n in self.defaults if n not in position and n not in self.ignored]
+        self.hash_slots = tuple(slot(n, _MISSING) for n in names)
+        self.hash_names = frozenset(names) | self.ignored
 
 
 _plans: Dict[int, _FunctionPlan] = {}
@@ -145,6 +183,27 @@ def _plan_for(func: Callable) -> _FunctionPlan:
     return plan
 
 
+def _collect_paths(slots: tuple, args: List, kwargs: Dict[str, Any]) -> List[Path]:
+    """The paths in the named arguments of a call, in slot order: what
+    `[p for n in names for p in _as_paths(args_dict.get(n))]` gives, without the dict."""
+    nargs = len(args)
+    paths: List[Path] = []
+    for name, k, default in slots:
+        if kwargs and name in kwargs:
+            v = kwargs[name]
+        elif k < nargs:
+            v = args[k]
+        else:
+            v = default
+        if v is None:
+            continue
+        if isinstance(v, Path):
+            paths.append(v)
+        else:
+            paths += _as_paths(v)
+    return paths
+
+
 def _as_paths(value: Any) -> List[Path]:
     if value is None:
         return []
@@ -153,9 +212,6 @@ def _as_paths(value: Any) -> List[Path]:
     if isinstance(value, (list, tuple, set, frozenset)):
         return [v if isinstance(v, Path) else Path(v) for v in value if v is not None]
     return [Path(value)]
-
-
-_SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
 
 
 def _freeze(value: Any) -> Any:
@@ -215,11 +271,9 @@ class Task:
             self.func_args, self.func_kwargs = arg_resolver(self.func, self.func_args, self.func_kwargs)
             self.func_args, self.func_kwargs = list(self.func_args), dict(self.func_kwargs)
 
-        plan = _plan_for(func)
-        args_dict = dict(plan.defaults) if plan.defaults else {}
-        args_dict.update(zip(plan.positional, self.func_args))
-        args_dict.update(self.func_kwargs)
-
+        plan = _plans.get(id(func))
+        if plan is None or plan.func is not func:
+            plan = _plan_for(func)
         self._plan = plan
         # set later (by add_task and the resolver); assigned here so that every task's attribute
         # dict has one layout from the start (growing 100,000 dicts later costs ~400 B each)
@@ -228,11 +282,11 @@ class Task:
         self.task_dependencies: Optional[List[Task]] = None
         self.path_dependencies: Optional[List[Path]] = None
         self.dependent_tasks: List[Task] = []
-        self.products: List[Path] = [p for n in plan.products for p in _as_paths(args_dict.get(n))]
+        args, kwargs = self.func_args, self.func_kwargs
+        self.products: List[Path] = _collect_paths(plan.product_slots, args, kwargs)
         if produces:
             self.products += _as_paths(produces)
-        self.dependencies: List[Union[Path, Task]] = [p for n in plan.dependencies
-                                                      for p in _as_paths(args_dict.get(n))]
+        self.dependencies: List[Union[Path, Task]] = _collect_paths(plan.dependency_slots, args, kwargs)
         for d in depends_on or ():
             self.dependencies.append(d if isinstance(d, Task) else Path(d))
 
@@ -308,8 +362,34 @@ class Task:
 
     def __hash__(self) -> int:
         if self._hash is None:
-            self._hash = hash(self._key())
+            self._hash = self._compute_hash()
         return self._hash
+
+    def _compute_hash(self) -> int:
+        """A hash of exactly what `_key()` compares (the function and the frozen `cleaned_args`),
+        read through the plan's slots instead of building the argument dict, the frozenset and a
+        tuple per argument: equal keys give equal hashes, which is all dedup needs."""
+        plan, args, kwargs = self._plan, self.func_args, self.func_kwargs
+        nargs = len(args)
+        values = []
+        for name, k, default in plan.hash_slots:
+            if kwargs and name in kwargs:
+                v = kwargs[name]
+            elif k < nargs:
+                v = args[k]
+            else:
+                v = default
+            if type(v) in _SCALARS:
+                values.append(v)
+            elif isinstance(v, PurePath):
+                values.append(('path', str(v)))      # _freeze(v), without the call
+            else:
+                values.append(_freeze(v))
+        extras = _NO_EXTRAS
+        if kwargs:
+            names = plan.hash_names
+            extras = frozenset((n, _freeze(v)) for n, v in kwargs.items() if n not in names)
+        return hash((self.func, tuple(values), extras))
 
     def __str__(self) -> str:
         return f"Task:{self.name}"

@@ -24,7 +24,11 @@ def task(name: str, pipeline=None, buildmode: BuildMode = BuildMode.IF_MISSING, 
     def decorator(func: Callable) -> Callable[..., Task]:
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Task:
-            t = Task(name, func, list(args), kwargs, buildmode=buildmode, slurm_parameters=slurm, **options)
+            # the Task copies the positional arguments into its own list: no need for one here too
+            if options:
+                t = Task(name, func, args, kwargs, buildmode=buildmode, slurm_parameters=slurm, **options)
+            else:   # positionally (produces, depends_on, buildmode, slurm_parameters): no keyword matching
+                t = Task(name, func, args, kwargs, None, None, buildmode, slurm)
             return pipeline.add_task(t) if pipeline is not None else t
 
         wrapper.__wrapped__ = func

@@ -151,3 +151,69 @@ def test_invalid_options():
         Task("x", print, retries=-1)
     with pytest.raises(ValueError):
         Task("x", print, timeout=0)
+
+
+# ---------------------------------------------------------------- fast paths against their definitions
+
+def _spelled(out: Annotated[Path, Product], inp: Annotated[Path, Dependency] = Path("dflt"), n: int = 0,
+             *rest, quiet: Annotated[bool, IgnoredForEq] = False,
+             side: Annotated[List[Path], Product] = None, kw: Annotated[Path, Dependency] = Path("k"), **extra):
+    pass
+
+
+def _calls():
+    """Many spellings of a few calls: positional or keyword, defaults given or left out, ignored
+    arguments, surplus positionals, extra keywords, strings and lists for paths, unhashable values."""
+    o, o2, i = Path("o"), Path("o2"), Path("i")
+    for out in (o, o2, "o"):
+        yield [out], {}
+        yield [], {"out": out}
+        yield [out, Path("dflt")], {}
+        yield [out], {"inp": Path("dflt")}
+        yield [out, i], {"quiet": True}
+        yield [out, None, 0], {}
+        yield [out, i, 0, "surplus"], {}
+        yield [out, i, 0], {"n": 1}                     # a keyword wins over the positional
+        yield [out], {"kw": Path("k")}
+        yield [out], {"kw": None, "side": [Path("s1"), "s2"]}
+        yield [out], {"x": [1, {"a": [2]}], "y": {3}}
+        yield [out], {"x": [1, {"a": [2]}], "y": {3}, "quiet": True}
+
+
+def test_hash_agrees_with_equality_for_every_spelling():
+    """`__hash__` reads the arguments through the plan's slots; `==` compares `_key()`, built from
+    the argument dict: two tasks that are equal must hash alike, whatever the spelling."""
+    tasks = [Task(f"t{k}", _spelled, a, kw) for k, (a, kw) in enumerate(_calls())]
+    for a in tasks:
+        for b in tasks:
+            if a._key() == b._key():
+                assert a == b and hash(a) == hash(b), (a.func_args, a.func_kwargs, b.func_args, b.func_kwargs)
+            else:
+                assert a != b
+    # the hash is also what it was before the slots: a hash of the frozen key, up to collisions
+    assert len({hash(t) for t in tasks}) == len({t._key() for t in tasks})
+
+
+def test_products_and_dependencies_match_the_argument_dict():
+    """The slot lookup gives what the 0.1.x definition (`_as_paths` of each named argument of the
+    argument dict, in annotation order) gives."""
+    from depio.Task import _as_paths
+    for a, kw in _calls():
+        t = Task("t", _spelled, a, kw)
+        args = t._args_dict
+        assert t.products == [p for n in t._plan.products for p in _as_paths(args.get(n))]
+        assert t.dependencies == [p for n in t._plan.dependencies for p in _as_paths(args.get(n))]
+
+
+def test_pipeline_dedups_like_pairwise_equality():
+    p = Pipeline(None, False, quiet=True)
+    kept = []
+    for k, (a, kw) in enumerate(_calls()):
+        t = Task(f"t{k}", _spelled, a, {**kw, "tag": k % 2} if "x" in kw else kw)
+        earlier = next((e for e in kept if e == t), None)
+        if earlier is None:
+            if any(str(x) in {str(y) for e in kept for y in e.products} for x in t.products):
+                continue             # a product another task claims: not what this test is about
+            kept.append(t)
+        assert p.add_task(t) is (earlier or t)
+    assert p.tasks == kept
