@@ -6,7 +6,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .BuildMode import BuildMode
 from .Executors import AbstractTaskExecutor, ParallelExecutor
@@ -17,7 +18,7 @@ from .display import Display, KeyReader, render_dry_run
 from .logs import LogWriter, RunLogs
 from .exceptions import (DependencyNotAvailableException, ProductAlreadyRegisteredException,
                          TaskNotInQueueException, CyclicDependencyException, TaskNotPicklableException)
-from .graph import Graph, path_key, pickle_payloads, resolve
+from .graph import Graph, path_key, pickle_payloads, resolve, working_dir
 from .scheduler import Cancel, Limits, Pause, SchedulerActor, Start
 
 log = logging.getLogger("depio.pipeline")
@@ -48,13 +49,15 @@ class Pipeline:
 
     def add_task(self, task: Task) -> Task:
         """Register a task, or return the equal task registered before (same function and arguments)."""
-        if self._registered(task):
+        tasks = self.tasks
+        q = task._queue_id
+        if q is not None and q <= len(tasks) and tasks[q - 1] is task:
             return task
         try:
             h = hash(task)
         except TypeError:            # an argument that cannot be hashed even in frozen form
             h = None
-        bucket = self._by_hash.get(h) if h is not None else self.tasks
+        bucket = self._by_hash.get(h) if h is not None else tasks
         if bucket is not None:
             for earlier in (bucket if isinstance(bucket, list) else (bucket,)):
                 if earlier == task:
@@ -64,21 +67,28 @@ class Pipeline:
                 raise TaskNotInQueueException(
                     f"Task {task.name}: depends_on names task {d.name!r}, which was not added to the pipeline "
                     f"first (add it, and use the task add_task returns)")
-        keys = [path_key(p) for p in task.products]
-        for p, k in zip(task.products, keys):
-            other = self._producers.get(k)
+        products = task.products
+        producers = self._producers
+        if len(products) == 1:         # the common case, without the lists and the set
+            key = path_key(products[0])
+            other = producers.get(key)
             if other is not None and other is not task:
-                arg = task.argument_of(p)
-                where = f" (argument '{arg}')" if arg else ""
-                raise ProductAlreadyRegisteredException(
-                    f"Task {task.name}: product {str(p)!r}{where} is already produced by task {other.label}")
-        if len(set(keys)) != len(keys):
-            raise ProductAlreadyRegisteredException(f"Task {task.name}: names the same product twice: "
-                                                    f"{[str(p) for p in task.products]}")
-        for k in keys:
-            self._producers[k] = task
-        self.tasks.append(task)
-        task._queue_id = len(self.tasks)
+                self._product_taken(task, products[0], other)
+            producers[key] = task
+        elif products:
+            cwd = working_dir()
+            keys = [path_key(p, cwd) for p in products]
+            for p, k in zip(products, keys):
+                other = producers.get(k)
+                if other is not None and other is not task:
+                    self._product_taken(task, p, other)
+            if len(set(keys)) != len(keys):
+                raise ProductAlreadyRegisteredException(f"Task {task.name}: names the same product twice: "
+                                                        f"{[str(p) for p in task.products]}")
+            for k in keys:
+                producers[k] = task
+        tasks.append(task)
+        task._queue_id = len(tasks)
         if h is not None:
             if bucket is None:
                 self._by_hash[h] = task
@@ -88,6 +98,14 @@ class Pipeline:
                 self._by_hash[h] = [bucket, task]
         self._graph = None
         return task
+
+    @staticmethod
+    def _product_taken(task: Task, path: Path, other: Task) -> NoReturn:
+        """Raise: `path`, a product of `task`, is registered by `other` (out of add_task's hot path)."""
+        arg = task.argument_of(path)
+        where = f" (argument '{arg}')" if arg else ""
+        raise ProductAlreadyRegisteredException(
+            f"Task {task.name}: product {str(path)!r}{where} is already produced by task {other.label}")
 
     def add_tasks(self, tasks: Sequence[Task]) -> List[Task]:
         return [self.add_task(t) for t in tasks]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from pathlib import Path
+from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cloudpickle
@@ -18,14 +18,24 @@ from .exceptions import CyclicDependencyException, DependencyNotAvailableExcepti
 from .Task import Task
 
 
-def path_key(p: Path) -> str:
+_PLAIN_PATHS = frozenset({PosixPath, WindowsPath, PurePosixPath, PureWindowsPath})
+
+
+def path_key(p: Path, cwd: Optional[str] = None) -> str:
     """Two spellings of one file (`build/a`, `./build/a`, absolute) must meet in the indexes.
     A Path's string has no `.` or doubled `/` left, so only `..` needs normpath (the fast path
-    matters with 100,000 tasks)."""
-    s = os.fspath(p)
+    matters with 100,000 tasks). `cwd`: the working directory as `working_dir()` gives it, for
+    callers that key many paths at once (one getcwd call instead of one per path)."""
+    # pathlib's own classes: str() is what their __fspath__ returns, one call less
+    s = str(p) if type(p) in _PLAIN_PATHS else os.fspath(p)
     if s[:1] != "/":
-        s = os.getcwd().rstrip("/") + "/" + s
+        s = (os.getcwd().rstrip("/") if cwd is None else cwd) + "/" + s   # = working_dir(), inline
     return os.path.normpath(s) if ".." in s or not isinstance(p, Path) else s
+
+
+def working_dir() -> str:
+    """The current directory as `path_key` prefixes it (no trailing slash, so `/` is '')."""
+    return os.getcwd().rstrip("/")
 
 
 class Graph:
@@ -34,7 +44,7 @@ class Graph:
     def __init__(self, tasks: Sequence[Task]):
         self.tasks: List[Task] = list(tasks)
         n = len(self.tasks)
-        # edges by task index; a task without edges shares the empty tuple (100,000 lists add up)
+        # edges by task index; deps are tuples, and a task without edges shares the empty tuple
         self.deps: List[Sequence[int]] = [()] * n
         self.dependents: List[Sequence[int]] = [()] * n
         self.func_digest: List[bytes] = [b""] * n
@@ -49,48 +59,58 @@ def resolve(tasks: Sequence[Task], producers: Dict[str, Task], check_inputs: boo
     """Fill the 0.1.x attributes (`task_dependencies`, `path_dependencies`, `dependent_tasks`) and
     build the Graph. Raises before anything runs on a missing input or a cycle."""
     g = Graph(tasks)
-    index = {id(t): i for i, t in enumerate(g.tasks)}
+    order = g.tasks
+    deps, dependents = g.deps, g.dependents
+    index = {id(t): i for i, t in enumerate(order)}
     missing: List[str] = []
-    for i, t in enumerate(g.tasks):
+    cwd = working_dir()
+    backward_only = True       # every edge from an earlier task to a later one: no cycle possible
+    for i, t in enumerate(order):
         task_deps: List[Task] = []
         path_deps: List[Path] = []
-        dep_indices: List[int] = []
-        seen: Optional[set] = set() if len(t.dependencies) > 8 else None   # membership by scan when small
-        for n, d in enumerate(t.dependencies):
-            if isinstance(d, Task):
-                dep = d
-            else:
-                path_deps.append(d)
-                dep = producers.get(path_key(d))
-                if dep is None:
-                    if check_inputs and not d.exists():
-                        arg = t.argument_of(d, 'dependency')
-                        where = f"argument '{arg}'" if arg else "depends_on"
-                        missing.append(f"Task {t.label}: {where} = {str(d)!r} does not exist and no task produces it")
+        if t.dependencies:
+            dep_indices: List[int] = []
+            seen: Optional[set] = set() if len(t.dependencies) > 8 else None   # membership by scan when small
+            for d in t.dependencies:
+                if isinstance(d, Task):
+                    dep = d
+                else:
+                    path_deps.append(d)
+                    dep = producers.get(path_key(d, cwd))
+                    if dep is None:
+                        if check_inputs and not d.exists():
+                            arg = t.argument_of(d, 'dependency')
+                            where = f"argument '{arg}'" if arg else "depends_on"
+                            missing.append(f"Task {t.label}: {where} = {str(d)!r} does not exist "
+                                           f"and no task produces it")
+                        continue
+                j = index.get(id(dep))
+                if j is None or j == i or (j in seen if seen is not None else j in dep_indices):
                     continue
-            j = index.get(id(dep))
-            if j is None or j == i or (j in seen if seen is not None else j in dep_indices):
-                continue
-            if seen is not None:
-                seen.add(j)
-            dep_indices.append(j)
-            task_deps.append(dep)
-            if g.dependents[j]:
-                g.dependents[j].append(i)   # type: ignore[union-attr]
-            else:
-                g.dependents[j] = [i]
-        if dep_indices:
-            g.deps[i] = dep_indices
+                if seen is not None:
+                    seen.add(j)
+                if j > i:
+                    backward_only = False
+                dep_indices.append(j)
+                task_deps.append(dep)
+                if dependents[j]:
+                    dependents[j].append(i)   # type: ignore[union-attr]
+                else:
+                    dependents[j] = [i]
+            if dep_indices:
+                # a tuple of ints leaves the cyclic GC's books at its first pass; a list stays forever
+                deps[i] = tuple(dep_indices)
         t.task_dependencies = task_deps
         t.path_dependencies = path_deps
-    for j, t in enumerate(g.tasks):
-        if g.dependents[j] or t.dependent_tasks:
-            t.dependent_tasks = [g.tasks[i] for i in g.dependents[j]]
+    for j, t in enumerate(order):
+        if dependents[j] or t.dependent_tasks:
+            t.dependent_tasks = [order[i] for i in dependents[j]]
     if missing:
         raise DependencyNotAvailableException(
             f"{len(missing)} input(s) missing:\n  " + "\n  ".join(missing[:50])
             + (f"\n  ... and {len(missing) - 50} more" if len(missing) > 50 else ""))
-    check_acyclic(g)
+    if not backward_only:      # registration order is a topological order otherwise
+        check_acyclic(g)
     return g
 
 

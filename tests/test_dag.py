@@ -115,3 +115,22 @@ def test_100k_tasks_build_and_resolve_without_quadratic_cost(workdir):
     assert len(p.tasks) == 100_000
     g = p._solve_order()
     assert len(g) == 100_000 and sum(len(d) for d in g.deps) == 90_000
+
+
+def test_acyclic_shortcut_only_when_every_edge_points_back(workdir):
+    """resolve() skips Kahn's algorithm when every task depends only on tasks registered before it;
+    a consumer registered before its producer (an edge forwards) must still be checked."""
+    from depio.graph import check_acyclic
+    p = Pipeline(None, False, quiet=True)
+    Path("root").touch()
+    p.add_task(Task("late-consumer", step, [Path("c")], {"inp": Path("m")}))   # edge to a later task
+    p.add_task(Task("middle", step, [Path("m")], {"inp": Path("root")}))
+    p.add_task(Task("after", step, [Path("z")], {"inp": Path("c")}))
+    g = p._solve_order()
+    assert g.deps == [(1,), (), (0,)]
+    check_acyclic(g)                                    # the long way agrees: no cycle
+    p.add_task(Task("closes-loop", step, [Path("root2")], {"inp": Path("z")}))
+    p.add_task(Task("m-again", step, [Path("m2")], {"inp": Path("root2")}))
+    p.tasks[1].dependencies.append(Path("m2"))          # middle <- m-again <- closes-loop <- after <- c <- middle
+    with pytest.raises(CyclicDependencyException):
+        p._solve_order()
