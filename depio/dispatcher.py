@@ -28,6 +28,9 @@ from .protocol import TaskSpec
 
 log = logging.getLogger("depio.dispatcher")
 
+# plain ints: pyzmq's flag enums cost a Python-level call on every `&` of the loop
+_POLLIN, _EVENTS = int(zmq.POLLIN), int(zmq.EVENTS)
+
 
 @dataclass
 class WorkerInfo:
@@ -318,7 +321,7 @@ class Dispatcher:
 
     def _drain(self, sock: zmq.Socket, kind: str, handler) -> None:
         for _ in range(1000):     # bounded, so that a flooded socket delays neither the other one nor assignment
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:    # cheaper than a zmq.Again raised
+            if not sock.getsockopt(_EVENTS) & _POLLIN:    # cheaper than a zmq.Again raised
                 return
             frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             if len(frames) < 2:

@@ -33,6 +33,8 @@ DEFAULT_HEARTBEAT = 1.0
 DEFAULT_LIVENESS = 3
 DEFAULT_KILL_GRACE = 2.0    # seconds between SIGTERM and SIGKILL for a cancelled task
 START_REPORT_DELAY = 0.01   # a start rides with its task's result if that comes this soon (seconds)
+# plain ints: pyzmq's flag enums cost a Python-level call on every `&` and `|` of the event loop
+_POLLIN, _POLLOUT, _POLLERR, _EVENTS = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR), int(zmq.EVENTS)
 
 
 class Worker:
@@ -297,9 +299,9 @@ class Worker:
             return
         want = 0
         if self.stopping is None:
-            capacity = self._capacity()
-            want = capacity - self._held() - self.open_credits
-            if want < max(1, capacity // 4) and (self._held() or self.open_credits):
+            capacity, held = self._capacity(), self._held()
+            want = capacity - held - self.open_credits
+            if want < max(1, capacity // 4) and (held or self.open_credits):
                 want = 0
         starts_due = bool(self.started) and \
             time.monotonic() - self.first_unreported_start >= START_REPORT_DELAY
@@ -339,10 +341,10 @@ class Worker:
             while self.stopping is None:
                 if self.slots_changed:
                     poller, by_fd = zmq.Poller(), {}
-                    poller.register(self.wake_r, zmq.POLLIN)
-                    poller.register(self.sock, zmq.POLLIN)
+                    poller.register(self.wake_r, _POLLIN)
+                    poller.register(self.sock, _POLLIN)
                     for slot in self.slots:
-                        poller.register(slot.fileno(), zmq.POLLIN | (zmq.POLLOUT if slot.outbuf else 0))
+                        poller.register(slot.fileno(), _POLLIN | (_POLLOUT if slot.outbuf else 0))
                         by_fd[slot.fileno()] = slot
                     self.slots_changed = False
                 wait = self._next_wakeup()
@@ -354,9 +356,9 @@ class Worker:
                 for fd, slot in list(by_fd.items()):
                     ev = events.get(fd, 0)
                     if ev and self.slots[slot.index] is slot:
-                        if ev & zmq.POLLOUT:
+                        if ev & _POLLOUT:
                             self._on_slot_writable(slot)
-                        if ev & (zmq.POLLIN | zmq.POLLERR) and self.slots[slot.index] is slot:
+                        if ev & (_POLLIN | _POLLERR) and self.slots[slot.index] is slot:
                             self._on_slot_readable(slot)
                 if self.wake_r in events:
                     self._drain_wakeups()
@@ -385,7 +387,7 @@ class Worker:
             pass
 
     def _drain_socket(self) -> None:
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:     # cheaper than a zmq.Again raised
+        while self.sock.getsockopt(_EVENTS) & _POLLIN:     # cheaper than a zmq.Again raised
             frames = self.sock.recv_multipart(zmq.NOBLOCK)
             self.last_heard = time.monotonic()
             try:
