@@ -134,3 +134,23 @@ def test_acyclic_shortcut_only_when_every_edge_points_back(workdir):
     p.tasks[1].dependencies.append(Path("m2"))          # middle <- m-again <- closes-loop <- after <- c <- middle
     with pytest.raises(CyclicDependencyException):
         p._solve_order()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_resolve_leaves_the_garbage_collector_as_it_found_it(workdir, enabled):
+    """resolve pauses the cyclic collector for its bulk work; it must restore the user's setting,
+    also when it raises (a missing input)."""
+    import gc
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        p = Pipeline(None, quiet=True)
+        p.add_task(Task("ok", step, [Path("a")]))
+        p._solve_order()
+        assert gc.isenabled() is enabled
+        p.add_task(Task("needs", step, [Path("b")], {"inp": Path("nowhere.txt")}))
+        with pytest.raises(DependencyNotAvailableException):
+            p._solve_order()
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
