@@ -2,9 +2,9 @@
 
 It runs in its own thread (inside a pipeline process, or as the `depio pool` service) and owns a
 ROUTER socket that workers connect to and, in a pool, one for clients (a pipeline's own dispatcher
-has one client, in its process, which talks to it through a deque and a wake-up pipe). It never unpickles a task's
-payload; it only routes `TaskSpec`s to workers that asked for work (credits) and results back to
-the client that sent the task. A fair round-robin over clients with queued work shares the slots.
+has one client, in its process, which talks to it through a deque and a wake-up pipe). It never
+unpickles a task's payload; it only routes `TaskSpec`s to workers that asked for work (credits)
+and results back to the client that sent the task. A fair round-robin over clients with queued work shares the slots.
 
 Liveness follows the ZeroMQ guide's Paranoid Pirate: both sides send a heartbeat when they have
 been silent for an interval; a peer silent for `liveness` intervals is gone. A lost worker's tasks
