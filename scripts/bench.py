@@ -30,6 +30,7 @@ them to the workers by value.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -386,6 +387,13 @@ class LocalPool:
                               env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def __enter__(self) -> Dict[str, str]:
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__()          # a pool that started but never got its workers is stopped too
+            raise
+
+    def _start(self) -> Dict[str, str]:
         r = self._cli("start", "--local", str(WORKERS), "--slots", str(SLOTS), "--detach")
         if r.returncode != 0:
             raise RuntimeError(f"cannot start the bench pool: {r.stdout}{r.stderr}")
@@ -502,14 +510,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("PYTHONHASHSEED", "0")
     started = time.time()
-    pool = LocalPool(env) if args.pool else None
-    try:
-        if pool is not None:
-            pool_env = pool.__enter__()
-        missed = _run_all(names, args, env, pool_env if pool is not None else None, show_baseline)
-    finally:
-        if pool is not None:
-            pool.__exit__()
+    with LocalPool(env) if args.pool else contextlib.nullcontext() as pool_env:
+        missed = _run_all(names, args, env, pool_env, show_baseline)
     print(json.dumps({"name": "_summary", "workloads": len(names), "targets_missed": missed,
                       "wall_s": round(time.time() - started, 1), "python": sys.version.split()[0],
                       "cpus": os.cpu_count(), "repeat": args.repeat, "mode": "pool" if args.pool else "cold"}),
