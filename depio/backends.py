@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence
 import pykka
 
 from . import protocol as P
+from .inbox import DispatchingInbox
 from .scheduler import BackendFailed
 
 log = logging.getLogger("depio.backends")
@@ -86,7 +87,14 @@ class DispatcherBackend(Backend):
         from .dispatcher import Dispatcher
         if self.pool_address is None:
             self.dispatcher = Dispatcher(self.key, self.bind_address, heartbeat=self.heartbeat,
-                                         liveness=self.liveness, remote_clients=False).start()
+                                         liveness=self.liveness, remote_clients=False)
+            inbox = getattr(self.scheduler, "actor_inbox", None)
+            if isinstance(inbox, DispatchingInbox) and threading.get_ident() == inbox.owner:
+                # in the scheduler actor's thread: that thread runs the dispatcher too
+                self.dispatcher.start(threaded=False, wake_pipe=inbox.wake_pipe)
+                inbox.attach(self.dispatcher)
+            else:
+                self.dispatcher.start()
             self.client = self.dispatcher.attach_local(self.name, self._deliver)
         else:
             self.client = DispatcherClient(self.pool_address, self.key, self.name, self._deliver, self._lost,

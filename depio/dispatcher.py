@@ -156,6 +156,11 @@ class Dispatcher:
         self.worker_address = ""
         self._thread: Optional[threading.Thread] = None
         self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._driver: Optional[threading.Thread] = None    # the thread that runs `turn()`
+        self._driver_id = 0
+        self._wake_r = self._wake_w = -1
+        self._own_pipe = True
         self._error: Optional[BaseException] = None
         self.tasks_done = 0
         self._reports: Dict[int, Tuple[ClientInfo, list, list, list]] = {}
@@ -164,17 +169,28 @@ class Dispatcher:
         self._local_inbox: Deque[Tuple[bytes, object]] = deque()
 
     # ------------------------------------------------------------ life cycle
-    def start(self) -> "Dispatcher":
+    def start(self, threaded: bool = True, wake_pipe: Optional[Tuple[int, int]] = None) -> "Dispatcher":
+        """Bind, and run the loop in a thread of its own; or, `threaded=False`, let the caller's thread
+        drive it with `turn()` (the scheduler actor's inbox does, see `depio.inbox`). `wake_pipe`: a
+        pipe (read end, write end) to share with that caller, whose poll it then wakes too."""
         self._wsock = self._router(self._worker_address_requested)
         self.worker_address = self._wsock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._csock = None
         if self.remote_clients:
             self._csock = self._router(self.client_address)
             self.client_address = self._csock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._wake_r, self._wake_w = os.pipe()
+        self._own_pipe = wake_pipe is None
+        self._wake_r, self._wake_w = os.pipe() if wake_pipe is None else wake_pipe
         os.set_blocking(self._wake_r, False)
-        self._thread = threading.Thread(target=self._loop, name=f"depio-{self.name}", daemon=True)
-        self._thread.start()
+        self._poller = zmq.Poller()
+        self._poller.register(self._wsock, zmq.POLLIN)
+        if self._csock is not None:
+            self._poller.register(self._csock, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name=f"depio-{self.name}", daemon=True)
+            self._thread.start()
+        self._ready.set()
         return self
 
     def _router(self, address: str) -> zmq.Socket:
@@ -193,13 +209,28 @@ class Dispatcher:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, reason: str = "dispatcher stopping", timeout: float = 5.0) -> None:
-        if self._thread is None:
+        """Tell workers and remote clients, close the sockets. Safe from any thread; a loop driven by
+        another thread that has ended meanwhile is closed here."""
+        if self.worker_address == "" or self._stopped.is_set():
             return
         self._local_inbox.append((b"", ("stop", reason)))
         self._wake()
-        self._thread.join(timeout)
-        os.close(self._wake_w)
-        self._thread = None
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        else:
+            driver = self._driver
+            deadline = time.monotonic() + timeout
+            while driver is not None and driver is not threading.current_thread() and driver.is_alive() \
+                    and not self._stopped.wait(0.02) and time.monotonic() < deadline:
+                pass
+            if not self._stopped.is_set() and not (driver is not None and driver.is_alive()):
+                self._close(reason)      # nobody drives the loop any more: its sockets are free
+        if self._own_pipe:
+            try:
+                os.close(self._wake_w)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------ sending
     def _send_worker(self, w: WorkerInfo, msg: object) -> None:
@@ -249,42 +280,58 @@ class Dispatcher:
             pass
 
     # ------------------------------------------------------------ the loop
-    def _loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._wsock, zmq.POLLIN)
-        if self._csock is not None:
-            poller.register(self._csock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        self._ready.set()
-        reason = "dispatcher stopping"
+    def _run(self) -> None:
+        while self.turn():
+            pass
+
+    def turn(self, block: bool = True) -> bool:
+        """One turn of the loop: wait for messages (at most half a heartbeat; not at all when `block`
+        is false or local messages are queued), handle them, assign work, check liveness, send the
+        clients' reports. False once the dispatcher has stopped."""
+        if self._stopped.is_set():
+            return False
+        if self._driver_id != threading.get_ident():
+            self._driver, self._driver_id = threading.current_thread(), threading.get_ident()
         try:
-            while self._stop_reason is None:
-                events = dict(poller.poll(self.heartbeat * 1000 / 2))
-                if self._wsock in events:
-                    self._drain(self._wsock, "worker", self._on_worker_message)
-                if self._csock is not None and self._csock in events:
-                    self._drain(self._csock, "client", self._on_client_message)
-                if self._wake_r in events:
-                    self._drain_local()
-                if self._stop_reason is not None:
-                    reason = self._stop_reason
-                    break
-                self._assign()
-                self._check_liveness()
-                self._flush_reports()
+            wait = self.heartbeat * 500 if block and not self._local_inbox else 0
+            events = dict(self._poller.poll(wait))
+            if self._wsock in events:
+                self._drain(self._wsock, "worker", self._on_worker_message)
+            if self._csock is not None and self._csock in events:
+                self._drain(self._csock, "client", self._on_client_message)
+            if self._wake_r in events:
+                self._drain_pipe()
+            if self._local_inbox:
+                self._drain_local()
+            if self._stop_reason is not None:
+                self._close(self._stop_reason)
+                return False
+            self._assign()
+            self._check_liveness()
+            self._flush_reports()
+            return True
         except Exception as e:   # a bug here must not hang the pipeline: tell the clients
             log.exception("dispatcher failed")
             self._error = e
-            reason = f"dispatcher failed: {e!r}"
-        finally:
+            self._close(f"dispatcher failed: {e!r}")
+            return False
+
+    def _close(self, reason: str) -> None:
+        """The end: workers and remote clients hear why, the sockets close."""
+        if self._stopped.is_set():
+            return
+        try:
             for w in self.workers:
                 self._send_worker(w, P.Shutdown(reason))
             for c in list(self.clients.values()):
                 self._send_client(c, P.Shutdown(reason))
+        finally:
             self._wsock.close(linger=200)
             if self._csock is not None:
                 self._csock.close(linger=200)
-            os.close(self._wake_r)
+            if self._own_pipe:
+                os.close(self._wake_r)
+            self._stopped.set()
 
     # ------------------------------------------------------------ clients in this process
     def attach_local(self, name: str, deliver: Callable[[object], None]) -> LocalClient:
@@ -295,17 +342,23 @@ class Dispatcher:
         return LocalClient(self, identity)
 
     def _wake(self) -> None:
+        """Wake the loop's poll; not needed from the thread that drives it (it looks at the local
+        inbox before it polls)."""
+        if threading.get_ident() == self._driver_id:
+            return
         try:
             os.write(self._wake_w, b"!")
         except OSError:      # stopped: nothing will read it
             pass
 
-    def _drain_local(self) -> None:
+    def _drain_pipe(self) -> None:
         try:
             while os.read(self._wake_r, 4096):
                 pass
-        except BlockingIOError:
+        except (BlockingIOError, OSError):
             pass
+
+    def _drain_local(self) -> None:
         while self._local_inbox:
             identity, msg = self._local_inbox.popleft()
             if isinstance(msg, tuple) and msg[0] == "stop":

@@ -24,6 +24,7 @@ from . import protocol as P
 from .BuildMode import BuildMode
 from .execution import restore_source_lines
 from .graph import Graph
+from .inbox import DispatchingInbox
 from .TaskStatus import TaskStatus, TERMINAL_STATES
 
 log = logging.getLogger("depio.scheduler")
@@ -64,6 +65,10 @@ class Limits:
 
 class SchedulerActor(pykka.ThreadingActor):
     """See the module docstring. `done` is set when every task is terminal."""
+
+    @staticmethod
+    def _create_actor_inbox() -> DispatchingInbox:
+        return DispatchingInbox()    # the pipeline's own dispatcher runs in this actor's thread
 
     def __init__(self, graph: Graph, backend, done: threading.Event, limits: Optional[Limits] = None):
         super().__init__()
@@ -125,8 +130,10 @@ class SchedulerActor(pykka.ThreadingActor):
         """Decide each released task: skip it (and release its dependents in turn) or make it ready.
         A worklist, not recursion: a chain of 100,000 up-to-date tasks must not overflow the stack."""
         work = deque(start)
+        breathe = self.actor_inbox.breathe
         while work:
             i = work.popleft()
+            breathe()       # deciding stats files, maybe on a slow file system: heartbeats go on
             if self.status[i] is not WAITING:
                 continue
             t = self.tasks[i]
@@ -163,7 +170,10 @@ class SchedulerActor(pykka.ThreadingActor):
         if cap <= 0:
             return
         specs, functions = [], {}
-        for _ in range(cap):
+        breathe = self.actor_inbox.breathe
+        for k in range(cap):
+            if not k & 63:
+                breathe()
             i = self.ready.popleft()
             specs.append(self._spec(i, functions))
             self._set(i, PENDING)

@@ -1,0 +1,102 @@
+"""The scheduler actor's inbox, which can also drive the pipeline's dispatcher.
+
+A pipeline run on its own workers used to have two threads on every hop: the dispatcher's (ZeroMQ)
+and the scheduler actor's, with a queue hand-off one way and a pipe wake-up the other. Here the
+actor's own thread runs the dispatcher's loop while its inbox is empty: a result from a worker is
+decoded, handed to the scheduler and answered with the next task without any thread switch. pykka
+lets an actor class choose its inbox; this one keeps pykka's contract (`put` from any thread,
+`get` blocks in the actor's thread, `empty`).
+
+Long work in the actor (deciding about 100,000 tasks) must not starve the dispatcher's heartbeats:
+the scheduler calls `breathe()` in its long loops, which runs a non-blocking turn when one is due.
+"""
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections import deque
+from typing import Any, Deque, Optional, Tuple
+
+
+class DispatchingInbox:
+    """pykka's `ActorInbox`, plus `attach(dispatcher)`. Before a dispatcher is attached, and after it
+    stopped, `get` waits on a pipe like a plain queue."""
+
+    def __init__(self) -> None:
+        self._queue: Deque[Any] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)    # a full pipe already wakes the reader
+        self._owner = 0              # the actor's thread (the one that calls get)
+        self._dispatcher = None
+        self._next_breath = 0.0
+        self._breath_interval = 0.1
+
+    @property
+    def owner(self) -> int:
+        """The thread id of the actor (0 until it first waits for a message)."""
+        return self._owner
+
+    @property
+    def wake_pipe(self) -> Tuple[int, int]:
+        """For the dispatcher: its poll wakes on what other threads put here, and the other way round."""
+        return self._wake_r, self._wake_w
+
+    def attach(self, dispatcher) -> None:
+        """From the actor's thread: from now on `get` runs this dispatcher's loop while it waits."""
+        self._dispatcher = dispatcher
+        self._breath_interval = dispatcher.heartbeat / 4
+
+    # ------------------------------------------------------------ pykka's ActorInbox
+    def put(self, envelope: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        self._queue.append(envelope)
+        if threading.get_ident() != self._owner:
+            try:
+                os.write(self._wake_w, b"!")
+            except (BlockingIOError, OSError):   # full (the reader will wake) or closed (actor gone)
+                pass
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        self._owner = threading.get_ident()
+        while not self._queue:
+            d = self._dispatcher
+            if d is not None and d.turn():
+                self._next_breath = time.monotonic() + self._breath_interval
+                continue
+            self._dispatcher = None
+            select.select([self._wake_r], [], [], None)
+            self._drain_pipe()
+        return self._queue.popleft()
+
+    def empty(self) -> bool:
+        return not self._queue
+
+    # ------------------------------------------------------------ for the actor's long loops
+    def breathe(self) -> None:
+        """Let the dispatcher send and take heartbeats (and results) if it has not for a while. What it
+        receives waits in this inbox: nothing re-enters the actor."""
+        d = self._dispatcher
+        if d is None or threading.get_ident() != self._owner:
+            return
+        now = time.monotonic()
+        if now >= self._next_breath:
+            self._next_breath = now + self._breath_interval
+            d.turn(block=False)
+
+    def _drain_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def __del__(self) -> None:
+        # not earlier: a late `tell` (pykka checks liveness first, racily) may still write the pipe,
+        # and a closed descriptor's number can be reused by another file
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
