@@ -235,7 +235,7 @@ class Dispatcher:
     # ------------------------------------------------------------ sending
     def _send_worker(self, w: WorkerInfo, msg: object) -> None:
         try:
-            self._wsock.send_multipart([w.identity] + P.encode(msg, self.key), copy=False)
+            P.send_frames(self._wsock, [w.identity] + P.encode(msg, self.key))
             w.last_sent = time.monotonic()
         except zmq.ZMQError as e:   # EHOSTUNREACH: the worker disconnected
             log.debug("cannot send to worker %s: %s", w.name, e)
@@ -377,7 +377,7 @@ class Dispatcher:
         for _ in range(1000):     # bounded, so that a flooded socket delays neither the other one nor assignment
             if not sock.getsockopt(_EVENTS) & _POLLIN:    # cheaper than a zmq.Again raised
                 return
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            frames = P.recv_frames(sock)
             if len(frames) < 2:
                 self._bad(kind, b"", P.ProtocolError("malformed", "no identity frame"))
                 continue

@@ -103,7 +103,7 @@ class Worker:
         self._send(P.Register(self.name, self.host, os.getpid(), self.nslots, slurm_job_id=self.slurm_job_id))
 
     def _send(self, msg: object) -> None:
-        self.sock.send_multipart(P.encode(msg, self.key), copy=False)
+        P.send_frames(self.sock, P.encode(msg, self.key))
         self.last_sent = time.monotonic()
 
     # ------------------------------------------------------------ slots
@@ -388,7 +388,7 @@ class Worker:
 
     def _drain_socket(self) -> None:
         while self.sock.getsockopt(_EVENTS) & _POLLIN:     # cheaper than a zmq.Again raised
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            frames = P.recv_frames(self.sock)
             self.last_heard = time.monotonic()
             try:
                 msg = P.decode(frames, self.key, accept_refusal=True)
