@@ -85,12 +85,14 @@ class DispatcherBackend(Backend):
     def _start(self) -> None:
         from .client import DispatcherClient
         from .dispatcher import Dispatcher
+        # called in the scheduler actor's thread: that thread runs the dispatcher (or the connection
+        # to a pool) too, while it waits for messages
+        inbox = getattr(self.scheduler, "actor_inbox", None)
+        driven = isinstance(inbox, DispatchingInbox) and threading.get_ident() == inbox.owner
         if self.pool_address is None:
             self.dispatcher = Dispatcher(self.key, self.bind_address, heartbeat=self.heartbeat,
                                          liveness=self.liveness, remote_clients=False)
-            inbox = getattr(self.scheduler, "actor_inbox", None)
-            if isinstance(inbox, DispatchingInbox) and threading.get_ident() == inbox.owner:
-                # in the scheduler actor's thread: that thread runs the dispatcher too
+            if driven:
                 self.dispatcher.start(threaded=False, wake_pipe=inbox.wake_pipe)
                 inbox.attach(self.dispatcher)
             else:
@@ -98,7 +100,12 @@ class DispatcherBackend(Backend):
             self.client = self.dispatcher.attach_local(self.name, self._deliver)
         else:
             self.client = DispatcherClient(self.pool_address, self.key, self.name, self._deliver, self._lost,
-                                           heartbeat=self.heartbeat, liveness=self.liveness).start()
+                                           heartbeat=self.heartbeat, liveness=self.liveness)
+            if driven:
+                self.client.start(threaded=False, wake_pipe=inbox.wake_pipe)
+                inbox.attach(self.client)
+            else:
+                self.client.start()
         if self.launcher is not None:
             self.launcher.on_all_gone = self._lost
             self.launcher.start(self.dispatcher.worker_address if self.dispatcher else self.pool_address, self.key)

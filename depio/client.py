@@ -1,16 +1,20 @@
 """A pipeline's connection to a dispatcher (in-process, or a pool at an address).
 
-One I/O thread owns the DEALER socket. Other threads (the scheduler actor) hand it messages through
-an inproc PUSH/PULL pair; what arrives from the dispatcher goes to `on_message`. The thread sends
-heartbeats and declares the dispatcher gone after `liveness` silent intervals.
+One thread owns the DEALER socket: a thread of its own, or (`start(threaded=False)`) the scheduler
+actor's, whose inbox runs `turn()` while it waits (see `depio.inbox`), so that a result from a pool
+reaches the scheduler without a thread switch. Other threads hand it messages through a deque and a
+wake-up pipe; what arrives from the dispatcher goes to `on_message`. The owner sends heartbeats and
+declares the dispatcher gone after `liveness` silent intervals.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
-from typing import Callable, Optional
+from collections import deque
+from typing import Callable, Deque, Optional, Tuple
 
 import zmq
 
@@ -32,20 +36,40 @@ class DispatcherClient:
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.connect_timeout = connect_timeout
-        self._outbox_address = f"inproc://depio-outbox-{uuid.uuid4().hex}"
-        self._pull = self.ctx.socket(zmq.PULL)
-        self._pull.bind(self._outbox_address)
-        self._local = threading.local()
-        self._pushes: list = []
-        self._lock = threading.Lock()
         self.welcome: Optional[P.ClientWelcome] = None
         self._welcomed = threading.Event()
         self._refused: Optional[str] = None
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="depio-client", daemon=True)
+        self._outbox: Deque[object] = deque()
+        self._stopped = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._driver: Optional[threading.Thread] = None     # the thread that runs `turn()`
+        self._driver_id = 0
+        self._wake_r = self._wake_w = -1
+        self._own_pipe = True
 
-    def start(self) -> "DispatcherClient":
-        self._thread.start()
+    def start(self, threaded: bool = True, wake_pipe: Optional[Tuple[int, int]] = None) -> "DispatcherClient":
+        """Connect and say hello; then serve the socket in a thread of its own, or, `threaded=False`,
+        in whichever thread calls `turn()` (sharing that thread's `wake_pipe`, read and write end)."""
+        self._own_pipe = wake_pipe is None
+        self._wake_r, self._wake_w = os.pipe() if wake_pipe is None else wake_pipe
+        os.set_blocking(self._wake_r, False)
+        sock = self._sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"c-{uuid.uuid4().hex}".encode())
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if "[" in self.address or "::" in self.address:
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.connect(self.address)
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self.last_sent = self.last_heard = time.monotonic()
+        P.send_frames(sock, P.encode(P.ClientHello(self.name), self.key))
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="depio-client", daemon=True)
+            self._thread.start()
         return self
 
     def wait_welcome(self, timeout: Optional[float] = None) -> None:
@@ -57,116 +81,133 @@ class DispatcherClient:
             raise ConnectionError(f"the dispatcher at {self.address} refused this pipeline: {self._refused}")
 
     def send(self, msg: object) -> None:
-        """Thread-safe: queue a message for the dispatcher. Once the I/O thread has ended (the dispatcher
+        """Thread-safe: queue a message for the dispatcher. Once the connection has ended (the dispatcher
         was lost, `on_lost` said so) messages are dropped: waiting for a reader that is gone would hang
         the caller, e.g. a pipeline cleaning up after its dispatcher died."""
-        if not self._thread.is_alive() and self._thread.ident is not None:
+        if self._stopped.is_set():
             log.debug("dispatcher connection closed: dropped %s", type(msg).__name__)
             return
-        push = getattr(self._local, "push", None)
-        if push is None:
-            push = self.ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.setsockopt(zmq.SNDHWM, 0)
-            push.setsockopt(zmq.SNDTIMEO, 1000)    # a last guard against a reader that vanished meanwhile
-            push.connect(self._outbox_address)
-            self._local.push = push
-            with self._lock:
-                self._pushes.append(push)
-        try:
-            push.send_multipart(P.encode(msg, self.key), copy=False)
-        except zmq.Again:
-            log.warning("dispatcher connection closed: dropped %s", type(msg).__name__)
+        self._outbox.append(msg)
+        if threading.get_ident() != self._driver_id:
+            try:
+                os.write(self._wake_w, b"!")
+            except OSError:
+                pass
 
     def close(self, timeout: float = 2.0) -> None:
+        """Say goodbye and close. A connection driven by another thread that has ended meanwhile is
+        closed here."""
         self._stop = True
-        if self._thread.is_alive():
+        if self._wake_w >= 0 and not self._stopped.is_set():
+            self.send(P.ClientBye("pipeline finished"))
+            if self._thread is not None:
+                self._thread.join(timeout)
+            else:
+                driver = self._driver
+                deadline = time.monotonic() + timeout
+                while driver is not None and driver is not threading.current_thread() and driver.is_alive() \
+                        and not self._stopped.wait(0.02) and time.monotonic() < deadline:
+                    pass
+                if not self._stopped.is_set() and not (driver is not None and driver.is_alive()):
+                    self._send_outbox(time.monotonic())     # nobody drives the socket any more: it is free
+                    self._finish(None)
+        if self._own_pipe and self._wake_w >= 0:
             try:
-                self.send(P.ClientBye("pipeline finished"))
-            except zmq.ZMQError:
+                os.close(self._wake_w)
+            except OSError:
                 pass
-            self._thread.join(timeout)
-        with self._lock:
-            for push in self._pushes:
-                push.close(linger=0)
-            self._pushes.clear()
+            self._wake_w = -1
 
-    def _loop(self) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"c-{uuid.uuid4().hex}".encode())
-        sock.setsockopt(zmq.LINGER, 500)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        if "[" in self.address or "::" in self.address:
-            sock.setsockopt(zmq.IPV6, 1)
-        sock.connect(self.address)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._pull, zmq.POLLIN)
-        last_sent = last_heard = time.monotonic()
-        sock.send_multipart(P.encode(P.ClientHello(self.name), self.key))
-        lost_reason = None
-        try:
-            while True:
-                events = dict(poller.poll(self.heartbeat * 1000 / 2))
-                now = time.monotonic()
-                if self._pull in events:
-                    while True:
-                        try:
-                            frames = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        sock.send_multipart(frames, copy=False)
-                        last_sent = now
-                        if self._stop and self._is_bye(frames):
-                            return
-                if sock in events:
-                    while True:
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        last_heard = now
-                        try:
-                            msg = P.decode(frames, self.key, accept_refusal=True)
-                        except P.ProtocolError as e:
-                            log.error("dropped a message from the dispatcher at %s: %s", self.address, e)
-                            if e.kind in ("signature", "version"):
-                                self._refused = str(e)
-                                self._welcomed.set()
-                            continue
-                        if isinstance(msg, P.ClientWelcome):
-                            self.welcome = msg
-                            self.heartbeat, self.liveness = msg.heartbeat_interval, msg.liveness
-                            self._welcomed.set()
-                        elif isinstance(msg, P.Refused):
-                            self._refused = msg.reason
-                            self._welcomed.set()
-                            lost_reason = f"refused by the dispatcher: {msg.reason}"
-                            return
-                        elif isinstance(msg, P.Shutdown):
-                            lost_reason = f"the dispatcher at {self.address} shut down: {msg.reason}"
-                            return
-                        elif not isinstance(msg, P.Heartbeat):
-                            self.on_message(msg)
-                if self._stop and not events:
-                    return
-                if now - last_sent >= self.heartbeat:
-                    sock.send_multipart(P.encode(P.Heartbeat(), self.key))
-                    last_sent = now
-                limit = self.heartbeat * self.liveness if self.welcome else self.connect_timeout
-                if now - last_heard > limit:
-                    lost_reason = (f"the dispatcher at {self.address} went silent ({now - last_heard:.1f} s "
-                                   f"without a heartbeat)")
-                    return
-        finally:
-            sock.close()
-            self._pull.close(linger=0)
-            if lost_reason and not self._stop:
-                self.on_lost(lost_reason)
+    # ------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        while self.turn():
+            pass
 
-    def _is_bye(self, frames) -> bool:
-        try:
-            return isinstance(P.decode([bytes(f) for f in frames], self.key), P.ClientBye)
-        except P.ProtocolError:
+    def turn(self, block: bool = True) -> bool:
+        """One turn: wait (at most half a heartbeat; not at all when `block` is false or messages are
+        queued), send what is queued, hand on what arrived, keep the heartbeat. False once closed."""
+        if self._stopped.is_set():
             return False
+        if self._driver_id != threading.get_ident():
+            self._driver, self._driver_id = threading.current_thread(), threading.get_ident()
+        try:
+            wait = self.heartbeat * 500 if block and not self._outbox else 0
+            events = dict(self._poller.poll(wait))
+            now = time.monotonic()
+            if self._wake_r in events:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+            if self._outbox and self._send_outbox(now):
+                self._finish(None)     # our goodbye is out
+                return False
+            if self._sock in events:
+                lost = self._receive(now)
+                if lost is not None:
+                    self._finish(lost)
+                    return False
+            if self._stop and not events:
+                self._finish(None)
+                return False
+            if now - self.last_sent >= self.heartbeat:
+                P.send_frames(self._sock, P.encode(P.Heartbeat(), self.key))
+                self.last_sent = now
+            limit = self.heartbeat * self.liveness if self.welcome else self.connect_timeout
+            if now - self.last_heard > limit:
+                self._finish(f"the dispatcher at {self.address} went silent ({now - self.last_heard:.1f} s "
+                             f"without a heartbeat)")
+                return False
+            return True
+        except Exception as e:      # a bug here must not hang the pipeline: it hears why
+            log.exception("dispatcher connection failed")
+            self._finish(f"the connection to the dispatcher at {self.address} failed: {e!r}")
+            return False
+
+    def _send_outbox(self, now: float) -> bool:
+        """Send what other code queued; True if that included our goodbye (after `close`)."""
+        bye = False
+        while self._outbox:
+            msg = self._outbox.popleft()
+            P.send_frames(self._sock, P.encode(msg, self.key))
+            self.last_sent = now
+            bye = bye or (self._stop and isinstance(msg, P.ClientBye))
+        return bye
+
+    def _receive(self, now: float) -> Optional[str]:
+        """Hand on what arrived; the reason the connection ends, if it does."""
+        while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = P.recv_frames(self._sock)
+            self.last_heard = now
+            try:
+                msg = P.decode(frames, self.key, accept_refusal=True)
+            except P.ProtocolError as e:
+                log.error("dropped a message from the dispatcher at %s: %s", self.address, e)
+                if e.kind in ("signature", "version"):
+                    self._refused = str(e)
+                    self._welcomed.set()
+                continue
+            if isinstance(msg, P.ClientWelcome):
+                self.welcome = msg
+                self.heartbeat, self.liveness = msg.heartbeat_interval, msg.liveness
+                self._welcomed.set()
+            elif isinstance(msg, P.Refused):
+                self._refused = msg.reason
+                self._welcomed.set()
+                return f"refused by the dispatcher: {msg.reason}"
+            elif isinstance(msg, P.Shutdown):
+                return f"the dispatcher at {self.address} shut down: {msg.reason}"
+            elif not isinstance(msg, P.Heartbeat):
+                self.on_message(msg)
+        return None
+
+    def _finish(self, lost_reason: Optional[str]) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._sock.close()
+        if self._own_pipe:
+            os.close(self._wake_r)
+        if lost_reason and not self._stop:
+            self.on_lost(lost_reason)

@@ -1,10 +1,12 @@
 """The dispatcher: hands ready tasks of its clients (pipelines) to workers over ZeroMQ.
 
-It runs in its own thread (inside a pipeline process, or as the `depio pool` service) and owns a
+In a `depio pool` it runs in a thread of its own; in a pipeline's process the scheduler actor's
+thread runs its loop (`turn()`) while the actor waits for messages (see `depio.inbox`). It owns a
 ROUTER socket that workers connect to and, in a pool, one for clients (a pipeline's own dispatcher
 has one client, in its process, which talks to it through a deque and a wake-up pipe). It never
 unpickles a task's payload; it only routes `TaskSpec`s to workers that asked for work (credits)
-and results back to the client that sent the task. A fair round-robin over clients with queued work shares the slots.
+and results back to the client that sent the task. A fair round-robin over clients with queued
+work shares the slots.
 
 Liveness follows the ZeroMQ guide's Paranoid Pirate: both sides send a heartbeat when they have
 been silent for an interval; a peer silent for `liveness` intervals is gone. A lost worker's tasks
@@ -70,8 +72,8 @@ class ClientInfo:
 
 class LocalClient:
     """A pipeline in the dispatcher's own process. Messages to the dispatcher go through a deque and
-    a wake-up byte on a pipe (thread-safe, nothing pickled); messages from it are handed to `deliver`.
-    This saves a thread and two pickles per message on every hop of a pipeline run."""
+    a wake-up byte on a pipe (thread-safe, nothing pickled; no byte from the thread that runs the
+    loop); messages from it are handed to `deliver`. No socket and no pickle on a pipeline's hops."""
 
     def __init__(self, dispatcher: "Dispatcher", identity: bytes):
         self._dispatcher = dispatcher

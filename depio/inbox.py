@@ -1,9 +1,10 @@
-"""The scheduler actor's inbox, which can also drive the pipeline's dispatcher.
+"""The scheduler actor's inbox, which can also drive the pipeline's dispatcher (or pool connection).
 
 A pipeline run on its own workers used to have two threads on every hop: the dispatcher's (ZeroMQ)
 and the scheduler actor's, with a queue hand-off one way and a pipe wake-up the other. Here the
 actor's own thread runs the dispatcher's loop while its inbox is empty: a result from a worker is
-decoded, handed to the scheduler and answered with the next task without any thread switch. pykka
+decoded, handed to the scheduler and answered with the next task without any thread switch. A run on
+a pool gets the same for its connection (`DispatcherClient`). pykka
 lets an actor class choose its inbox; this one keeps pykka's contract (`put` from any thread,
 `get` blocks in the actor's thread, `empty`).
 
@@ -21,7 +22,8 @@ from typing import Any, Deque, Optional, Tuple
 
 
 class DispatchingInbox:
-    """pykka's `ActorInbox`, plus `attach(dispatcher)`. Before a dispatcher is attached, and after it
+    """pykka's `ActorInbox`, plus `attach(loop)`: a `Dispatcher` or `DispatcherClient` started with
+    `threaded=False` (it has `turn(block)` and `heartbeat`). Before one is attached, and after it
     stopped, `get` waits on a pipe like a plain queue."""
 
     def __init__(self) -> None:
@@ -44,10 +46,10 @@ class DispatchingInbox:
         """For the dispatcher: its poll wakes on what other threads put here, and the other way round."""
         return self._wake_r, self._wake_w
 
-    def attach(self, dispatcher) -> None:
-        """From the actor's thread: from now on `get` runs this dispatcher's loop while it waits."""
-        self._dispatcher = dispatcher
-        self._breath_interval = dispatcher.heartbeat / 4
+    def attach(self, loop) -> None:
+        """From the actor's thread: from now on `get` runs this loop while it waits."""
+        self._dispatcher = loop
+        self._breath_interval = loop.heartbeat / 4
 
     # ------------------------------------------------------------ pykka's ActorInbox
     def put(self, envelope: Any, block: bool = True, timeout: Optional[float] = None) -> None:
@@ -62,10 +64,12 @@ class DispatchingInbox:
         self._owner = threading.get_ident()
         while not self._queue:
             d = self._dispatcher
-            if d is not None and d.turn():
-                self._next_breath = time.monotonic() + self._breath_interval
+            if d is not None:
+                if d.turn():
+                    self._next_breath = time.monotonic() + self._breath_interval
+                else:
+                    self._dispatcher = None    # stopped; what its last turn put here comes first
                 continue
-            self._dispatcher = None
             select.select([self._wake_r], [], [], None)
             self._drain_pipe()
         return self._queue.popleft()

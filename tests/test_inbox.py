@@ -107,3 +107,26 @@ def test_heartbeats_go_on_while_the_scheduler_decides_for_seconds(workdir, monke
     for t in [first] + late:
         assert t._status is TaskStatus.FINISHED and t.attempts == 1, (t.name, t._status, t.reason)
     assert all(Path(f"late{i}.txt").exists() for i in range(40))
+
+
+@pytest.mark.timeout(20)
+def test_what_the_last_turn_delivers_reaches_the_actor():
+    """A stopping dispatcher tells its pipeline `Shutdown` in its last turn (a pool connection that
+    ends likewise tells the scheduler why): the inbox must hand that on, not go to sleep on it."""
+    inbox = DispatchingInbox()
+    d = Dispatcher(os.urandom(32), remote_clients=False)
+    got: list = []
+
+    def attach():
+        d.start(threaded=False, wake_pipe=inbox.wake_pipe)
+        d.attach_local("test", lambda msg: inbox.put(type(msg).__name__))
+        inbox.attach(d)
+
+    t = _getter(inbox, got, 2, before=attach)
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == ["WorkersChanged"]
+    d.stop("test over", timeout=5)
+    t.join(5)
+    assert got == ["WorkersChanged", "Shutdown"] and not t.is_alive()
