@@ -19,6 +19,7 @@ from typing import Callable, Deque, Optional, Tuple
 import zmq
 
 from . import protocol as P
+from .inbox import drain_pipe, wait_for_driver
 
 log = logging.getLogger("depio.client")
 
@@ -102,15 +103,9 @@ class DispatcherClient:
             self.send(P.ClientBye("pipeline finished"))
             if self._thread is not None:
                 self._thread.join(timeout)
-            else:
-                driver = self._driver
-                deadline = time.monotonic() + timeout
-                while driver is not None and driver is not threading.current_thread() and driver.is_alive() \
-                        and not self._stopped.wait(0.02) and time.monotonic() < deadline:
-                    pass
-                if not self._stopped.is_set() and not (driver is not None and driver.is_alive()):
-                    self._send_outbox(time.monotonic())     # nobody drives the socket any more: it is free
-                    self._finish(None)
+            elif not wait_for_driver(self._driver, self._stopped, timeout):
+                self._send_outbox(time.monotonic())
+                self._finish(None)
         if self._own_pipe and self._wake_w >= 0:
             try:
                 os.close(self._wake_w)
@@ -135,11 +130,7 @@ class DispatcherClient:
             events = dict(self._poller.poll(wait))
             now = time.monotonic()
             if self._wake_r in events:
-                try:
-                    while os.read(self._wake_r, 4096):
-                        pass
-                except (BlockingIOError, OSError):
-                    pass
+                drain_pipe(self._wake_r)
             if self._outbox and self._send_outbox(now):
                 self._finish(None)     # our goodbye is out
                 return False

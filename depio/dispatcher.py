@@ -27,6 +27,7 @@ from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 import zmq
 
 from . import protocol as P
+from .inbox import drain_pipe, wait_for_driver
 from .protocol import TaskSpec
 
 log = logging.getLogger("depio.dispatcher")
@@ -220,14 +221,8 @@ class Dispatcher:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        else:
-            driver = self._driver
-            deadline = time.monotonic() + timeout
-            while driver is not None and driver is not threading.current_thread() and driver.is_alive() \
-                    and not self._stopped.wait(0.02) and time.monotonic() < deadline:
-                pass
-            if not self._stopped.is_set() and not (driver is not None and driver.is_alive()):
-                self._close(reason)      # nobody drives the loop any more: its sockets are free
+        elif not wait_for_driver(self._driver, self._stopped, timeout):
+            self._close(reason)
         if self._own_pipe:
             try:
                 os.close(self._wake_w)
@@ -302,7 +297,7 @@ class Dispatcher:
             if self._csock is not None and self._csock in events:
                 self._drain(self._csock, "client", self._on_client_message)
             if self._wake_r in events:
-                self._drain_pipe()
+                drain_pipe(self._wake_r)
             if self._local_inbox:
                 self._drain_local()
             if self._stop_reason is not None:
@@ -351,13 +346,6 @@ class Dispatcher:
         try:
             os.write(self._wake_w, b"!")
         except OSError:      # stopped: nothing will read it
-            pass
-
-    def _drain_pipe(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
             pass
 
     def _drain_local(self) -> None:

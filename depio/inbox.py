@@ -21,6 +21,26 @@ from collections import deque
 from typing import Any, Deque, Optional, Tuple
 
 
+def drain_pipe(fd: int) -> None:
+    """Read a non-blocking wake-up pipe empty."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def wait_for_driver(driver: Optional[threading.Thread], stopped: threading.Event, timeout: float) -> bool:
+    """After asking a `threaded=False` loop to stop: wait until it has, while the thread that drives
+    it lives. False if it has not stopped and nobody drives it any more: the caller may close it, its
+    sockets are free."""
+    deadline = time.monotonic() + timeout
+    while driver is not None and driver is not threading.current_thread() and driver.is_alive() \
+            and not stopped.wait(0.02) and time.monotonic() < deadline:
+        pass
+    return stopped.is_set() or (driver is not None and driver.is_alive())
+
+
 class DispatchingInbox:
     """pykka's `ActorInbox`, plus `attach(loop)`: a `Dispatcher` or `DispatcherClient` started with
     `threaded=False` (it has `turn(block)` and `heartbeat`). Before one is attached, and after it
@@ -71,7 +91,7 @@ class DispatchingInbox:
                     self._dispatcher = None    # stopped; what its last turn put here comes first
                 continue
             select.select([self._wake_r], [], [], None)
-            self._drain_pipe()
+            drain_pipe(self._wake_r)
         return self._queue.popleft()
 
     def empty(self) -> bool:
@@ -88,13 +108,6 @@ class DispatchingInbox:
         if now >= self._next_breath:
             self._next_breath = now + self._breath_interval
             d.turn(block=False)
-
-    def _drain_pipe(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
 
     def __del__(self) -> None:
         # not earlier: a late `tell` (pykka checks liveness first, racily) may still write the pipe,
