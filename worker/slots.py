@@ -143,6 +143,8 @@ class Slot:
         self.sock = parent
         self.inbuf = bytearray()
         self.outbuf = bytearray()
+        # reused for every read: `recv(1 MB)` would allocate (mmap) and free a megabyte each time
+        self.readbuf = memoryview(bytearray(1 << 18))
         self.assigned: Deque[Tuple[int, TaskSpec]] = deque()
         self.head_started: float = 0.0
         self.functions: set = set()
@@ -179,14 +181,15 @@ class Slot:
     def receive(self) -> List[Tuple[int, TaskResult]]:
         """Everything the slot has sent so far. Raises EOFError when the slot is gone."""
         results: List[Tuple[int, TaskResult]] = []
+        view = self.readbuf
         while True:
             try:
-                chunk = self.sock.recv(1 << 20)
+                n = self.sock.recv_into(view)
             except BlockingIOError:
                 break
-            if not chunk:
+            if not n:
                 raise EOFError("slot closed its end")
-            self.inbuf += chunk
+            self.inbuf += view[:n]
         buf = self.inbuf
         pos = 0
         while len(buf) - pos >= 4:
