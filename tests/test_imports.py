@@ -32,3 +32,14 @@ def test_pipeline_construction_starts_nothing():
     before = threading.active_count()
     p = Pipeline(None, False, quiet=True)
     assert p.tasks == [] and threading.active_count() == before
+
+
+def test_every_package_is_installed():
+    """A wheel carries only the packages pyproject.toml lists: a new subpackage must be listed too."""
+    tomllib = pytest.importorskip("tomllib")     # Python 3.11+
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {str(p.parent.relative_to(root)).replace("/", ".")
+             for top in ("depio", "worker") for p in (root / top).rglob("__init__.py")}
+    assert found == listed
