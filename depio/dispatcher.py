@@ -458,7 +458,7 @@ class Dispatcher:
             if job is None:
                 continue
             job.client.jobs.discard(jid)
-            self._report(job.client)[3].append(P.TaskLost(job.spec.key, job.spec.attempt, reason))
+            self._report(job.client)[3].append(P.TaskLost(job.spec.key, job.spec.attempt, reason, job.started))
         w.jobs.clear()
         log.warning(reason)
         self._broadcast_workers(reason)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import cloudpickle
 import zmq
 
-PROTOCOL_VERSION = 2      # 2: messages travel as tuples (`to_wire`)
+PROTOCOL_VERSION = 3      # 2: messages travel as tuples (`to_wire`); 3: TaskLost.started
 HEADER = b"depio/%d" % PROTOCOL_VERSION
 HEADER_PREFIX = b"depio/"
 REFUSED_HEADER = b"depio/refused"   # an unsigned, plain-text refusal any version can read
@@ -181,6 +181,7 @@ class TaskLost:
     key: int
     attempt: int
     reason: str
+    started: bool = True     # False: the attempt was not seen to start (prefetched, or queued in Slurm)
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,7 @@ class Limits:
     max_in_flight: Optional[int] = None   # tasks handed to the backend and not yet ended
     max_pending: Optional[int] = None     # of those, not yet started
     lost_retries: int = 1                 # re-dispatches after a worker loss, per task
+    lost_before_start: int = 5            # losses of a task not seen to start, before it fails anyway
 
 
 class SchedulerActor(pykka.ThreadingActor):
@@ -83,7 +84,8 @@ class SchedulerActor(pykka.ThreadingActor):
         self.ran: List[bool] = [False] * n
         self.attempt: List[int] = [0] * n
         self.failures: List[int] = [0] * n
-        self.losses: List[int] = [0] * n
+        self.losses: List[int] = [0] * n             # lost while running (against lost_retries)
+        self.unstarted_losses: List[int] = [0] * n   # lost before it was seen to start
         self.ready: Deque[int] = deque()
         self.in_flight = 0
         self.pending = 0
@@ -233,21 +235,36 @@ class SchedulerActor(pykka.ThreadingActor):
         self._depfail_downstream(i)
 
     def t_lost(self, lost: P.TaskLost) -> None:
+        """A worker (or Slurm job) was lost with this attempt. If it had started, that costs one of the
+        task's `lost_retries`. If it had not (a prefetched task, or a job still queued in Slurm) the
+        task did nothing wrong and just goes again; a cap (`lost_before_start`) stops a task that
+        takes its worker down faster than its start is reported."""
         i = lost.key
         if self.attempt[i] != lost.attempt or self.status[i] not in (PENDING, RUNNING):
             return
         if self.status[i] is PENDING:
             self.pending -= 1
         self.in_flight -= 1
-        self.losses[i] += 1
-        if self.losses[i] <= self.limits.lost_retries and not self.cancelled:
-            log.warning("task %s lost (%s): dispatching it again", self.tasks[i].label, lost.reason)
+        if lost.started:
+            self.losses[i] += 1
+        else:
+            self.unstarted_losses[i] += 1
+        if self.losses[i] <= self.limits.lost_retries and \
+                self.unstarted_losses[i] <= self.limits.lost_before_start and not self.cancelled:
+            if lost.started:
+                log.warning("task %s lost (%s): dispatching it again", self.tasks[i].label, lost.reason)
+            else:
+                log.info("task %s had not started when it was lost (%s): dispatching it again",
+                         self.tasks[i].label, lost.reason)
             self._retry(i)
             return
+        reason = lost.reason
+        if self.unstarted_losses[i] > self.limits.lost_before_start:
+            reason += f" (lost {self.unstarted_losses[i]} times before it was seen to start)"
         t = self.tasks[i]
-        t.error = {"kind": "WorkerLost", "type": "WorkerLost", "message": lost.reason, "traceback": "",
-                   "summary": lost.reason}
-        self._terminal(i, FAILED, lost.reason)
+        t.error = {"kind": "WorkerLost", "type": "WorkerLost", "message": reason, "traceback": "",
+                   "summary": reason}
+        self._terminal(i, FAILED, reason)
         self._depfail_downstream(i)
 
     def _retry(self, i: int) -> None:

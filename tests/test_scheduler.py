@@ -213,3 +213,24 @@ def test_long_skipped_chain_does_not_recurse(workdir, cleanup):
     actor.tell(Start())
     assert done.wait(10)
     assert all(t.status[0] is S.SKIPPED for t in tasks)
+
+
+def test_a_task_lost_before_it_started_does_not_use_the_loss_budget(cleanup):
+    """A prefetched task held by a worker that dies never ran: it goes again even with no loss budget,
+    up to `lost_before_start` times; a loss while it ran still fails it at once."""
+    a = Task("a", noop, [1])
+    b = Task("b", noop, [2])
+    p, g, be, done, actor = make([a, b], Limits(lost_retries=0, lost_before_start=2)); cleanup(actor)
+    actor.tell(Start())
+    sa, sb = be.take(2)
+    actor.tell(P.ClientReport(lost=(P.TaskLost(sa.key, 1, "worker w1 lost", started=False),
+                                    P.TaskLost(sb.key, 1, "worker w1 lost", started=True))))
+    (sa2,) = be.take()
+    assert sa2.key == sa.key and sa2.attempt == 2
+    actor.tell(P.ClientReport(lost=(P.TaskLost(sa.key, 2, "worker w2 lost", started=False),)))
+    (sa3,) = be.take()
+    actor.tell(P.ClientReport(lost=(P.TaskLost(sa.key, 3, "worker w3 (pid 9) lost", started=False),)))
+    assert done.wait(5)
+    assert b._status is S.FAILED and b.reason == "worker w1 lost"
+    assert a._status is S.FAILED and "pid 9" in a.reason and "3 times before it was seen to start" in a.reason
+    assert a.error["kind"] == "WorkerLost"

@@ -445,7 +445,7 @@ class SlurmTaskBackend(Backend):
         if a.crash is not None and base in ("RUNNING", "COMPLETING", "COMPLETED", "UNKNOWN", ""):
             self._tell(done=(a.crash,))          # an ordinary crash of the task's process
         elif base in _RETRYABLE or base in ("COMPLETED", "RUNNING", "COMPLETING", "UNKNOWN", ""):
-            self._tell(lost=(P.TaskLost(a.spec.key, a.spec.attempt, msg),))
+            self._tell(lost=(P.TaskLost(a.spec.key, a.spec.attempt, msg, a.started is not None),))
         else:
             self._fail(a, "SlurmJobFailed", msg, stderr)
 
