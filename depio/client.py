@@ -43,6 +43,7 @@ class DispatcherClient:
         self._stop = False
         self._outbox: Deque[object] = deque()
         self._stopped = threading.Event()
+        self._lock = threading.Lock()       # held by `turn()`; `send_heartbeats` only tries it
         self._thread: Optional[threading.Thread] = None
         self._driver: Optional[threading.Thread] = None     # the thread that runs `turn()`
         self._driver_id = 0
@@ -104,8 +105,9 @@ class DispatcherClient:
             if self._thread is not None:
                 self._thread.join(timeout)
             elif not wait_for_driver(self._driver, self._stopped, timeout):
-                self._send_outbox(time.monotonic())
-                self._finish(None)
+                with self._lock:
+                    self._send_outbox(time.monotonic())
+                    self._finish(None)
         if self._own_pipe and self._wake_w >= 0:
             try:
                 os.close(self._wake_w)
@@ -125,6 +127,10 @@ class DispatcherClient:
             return False
         if self._driver_id != threading.get_ident():
             self._driver, self._driver_id = threading.current_thread(), threading.get_ident()
+        with self._lock:
+            return self._turn(block)
+
+    def _turn(self, block: bool) -> bool:
         try:
             wait = self.heartbeat * 500 if block and not self._outbox else 0
             events = dict(self._poller.poll(wait))
@@ -155,6 +161,23 @@ class DispatcherClient:
             log.exception("dispatcher connection failed")
             self._finish(f"the connection to the dispatcher at {self.address} failed: {e!r}")
             return False
+
+    @property
+    def stopped(self) -> threading.Event:
+        return self._stopped
+
+    def send_heartbeats(self) -> None:
+        """From another thread, while the one that runs `turn()` is busy elsewhere: a heartbeat if one
+        is due, so that the pool does not drop this pipeline."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            now = time.monotonic()
+            if not self._stopped.is_set() and now - self.last_sent >= self.heartbeat:
+                P.send_frames(self._sock, P.encode(P.Heartbeat(), self.key))
+                self.last_sent = now
+        finally:
+            self._lock.release()
 
     def _send_outbox(self, now: float) -> bool:
         """Send what other code queued; True if that included our goodbye (after `close`)."""

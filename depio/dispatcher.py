@@ -160,6 +160,7 @@ class Dispatcher:
         self._thread: Optional[threading.Thread] = None
         self._ready = threading.Event()
         self._stopped = threading.Event()
+        self._lock = threading.Lock()       # held by `turn()`; `send_heartbeats` only tries it
         self._driver: Optional[threading.Thread] = None    # the thread that runs `turn()`
         self._driver_id = 0
         self._wake_r = self._wake_w = -1
@@ -222,7 +223,8 @@ class Dispatcher:
             self._thread.join(timeout)
             self._thread = None
         elif not wait_for_driver(self._driver, self._stopped, timeout):
-            self._close(reason)
+            with self._lock:
+                self._close(reason)
         if self._own_pipe:
             try:
                 os.close(self._wake_w)
@@ -289,6 +291,10 @@ class Dispatcher:
             return False
         if self._driver_id != threading.get_ident():
             self._driver, self._driver_id = threading.current_thread(), threading.get_ident()
+        with self._lock:
+            return self._turn(block)
+
+    def _turn(self, block: bool) -> bool:
         try:
             wait = self.heartbeat * 500 if block and not self._local_inbox else 0
             events = dict(self._poller.poll(wait))
@@ -312,6 +318,28 @@ class Dispatcher:
             self._error = e
             self._close(f"dispatcher failed: {e!r}")
             return False
+
+    @property
+    def stopped(self) -> threading.Event:
+        return self._stopped
+
+    def send_heartbeats(self) -> None:
+        """From another thread, while the one that runs `turn()` is busy elsewhere: the heartbeats that
+        are due, nothing else (no peer is declared lost from here)."""
+        if not self._lock.acquire(blocking=False):
+            return                  # a turn is running: it keeps the heartbeats itself
+        try:
+            if self._stopped.is_set():
+                return
+            now = time.monotonic()
+            for w in self.workers:
+                if now - w.last_sent >= self.heartbeat:
+                    self._send_worker(w, P.Heartbeat())
+            for c in list(self.clients.values()):
+                if c.deliver is None and now - c.last_sent >= self.heartbeat:
+                    self._send_client(c, P.Heartbeat())
+        finally:
+            self._lock.release()
 
     def _close(self, reason: str) -> None:
         """The end: workers and remote clients hear why, the sockets close."""

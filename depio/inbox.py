@@ -10,6 +10,9 @@ lets an actor class choose its inbox; this one keeps pykka's contract (`put` fro
 
 Long work in the actor (deciding about 100,000 tasks) must not starve the dispatcher's heartbeats:
 the scheduler calls `breathe()` in its long loops, which runs a non-blocking turn when one is due.
+A single step that blocks (a `stat` on a file system that hangs for seconds) cannot breathe: a small
+keep-alive thread then sends the heartbeats that are due, so that workers and pools do not give the
+run up while it waits. It never declares a peer lost; the next turn reads what arrived meanwhile.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ class DispatchingInbox:
         self._owner = 0              # the actor's thread (the one that calls get)
         self._dispatcher = None
         self._next_breath = 0.0
-        self._breath_interval = 0.1
+        self._last_turn = 0.0
 
     @property
     def owner(self) -> int:
@@ -67,9 +70,17 @@ class DispatchingInbox:
         return self._wake_r, self._wake_w
 
     def attach(self, loop) -> None:
-        """From the actor's thread: from now on `get` runs this loop while it waits."""
+        """From the actor's thread: from now on `get` runs this loop while it waits. The loop has
+        `turn(block)`, `heartbeat`, `stopped` (an Event) and `send_heartbeats()`."""
         self._dispatcher = loop
-        self._breath_interval = loop.heartbeat / 4
+        self._last_turn = time.monotonic()
+        threading.Thread(target=self._keep_alive, args=(loop,), name="depio-keepalive", daemon=True).start()
+
+    def _keep_alive(self, loop) -> None:
+        # `loop.heartbeat` is read each time: a pool's welcome sets the interval after the attach
+        while not loop.stopped.wait(loop.heartbeat / 4):
+            if time.monotonic() - self._last_turn >= loop.heartbeat / 4:     # the actor is busy elsewhere
+                loop.send_heartbeats()
 
     # ------------------------------------------------------------ pykka's ActorInbox
     def put(self, envelope: Any, block: bool = True, timeout: Optional[float] = None) -> None:
@@ -86,7 +97,8 @@ class DispatchingInbox:
             d = self._dispatcher
             if d is not None:
                 if d.turn():
-                    self._next_breath = time.monotonic() + self._breath_interval
+                    self._last_turn = now = time.monotonic()
+                    self._next_breath = now + d.heartbeat / 4
                 else:
                     self._dispatcher = None    # stopped; what its last turn put here comes first
                 continue
@@ -106,8 +118,9 @@ class DispatchingInbox:
             return
         now = time.monotonic()
         if now >= self._next_breath:
-            self._next_breath = now + self._breath_interval
+            self._next_breath = now + d.heartbeat / 4
             d.turn(block=False)
+            self._last_turn = time.monotonic()
 
     def __del__(self) -> None:
         # not earlier: a late `tell` (pykka checks liveness first, racily) may still write the pipe,

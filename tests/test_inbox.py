@@ -130,3 +130,26 @@ def test_what_the_last_turn_delivers_reaches_the_actor():
     d.stop("test over", timeout=5)
     t.join(5)
     assert got == ["WorkersChanged", "Shutdown"] and not t.is_alive()
+
+
+@pytest.mark.timeout(90)
+def test_heartbeats_go_on_while_the_scheduler_blocks_in_one_call(workdir, monkeypatch):
+    """One decision blocks for 2 s (a file system that hangs in a stat, simulated): the scheduler
+    cannot breathe inside it, so the keep-alive thread sends the heartbeats. Without it the workers
+    (liveness window 0.6 s) would give the run up."""
+    original = Task.run_reason
+
+    def hanging_run_reason(self, upstream_ran=None):
+        if self.name == "late":
+            time.sleep(2.0)
+        return original(self, upstream_ran)
+
+    monkeypatch.setattr(Task, "run_reason", hanging_run_reason)
+    p = Pipeline(ParallelExecutor(workers=2, heartbeat=0.2, liveness=3), quiet=True)
+    first = p.add_task(Task("first", _write, [Path("first.txt")], produces=[Path("first.txt")]))
+    late = p.add_task(Task("late", _write, [Path("late.txt")], produces=[Path("late.txt")], depends_on=[first]))
+    t0 = time.monotonic()
+    assert p.run() == 0
+    assert time.monotonic() - t0 >= 2.0
+    for t in (first, late):
+        assert t._status is TaskStatus.FINISHED and t.attempts == 1, (t.name, t._status, t.reason)

@@ -307,3 +307,42 @@ def test_pool_keeps_slurm_pilots_and_cancels_them_on_stop(home, workdir, slurm_c
             break
         time.sleep(0.5)
     assert not q.stdout.strip(), f"pilot job still in Slurm after the pool stopped: {q.stdout}"
+
+
+HANGING = """
+import sys, time
+from pathlib import Path
+from depio import Pipeline, Task
+from depio.pool import PoolExecutor
+original = Task.run_reason
+def hanging(self, upstream_ran=None):
+    if self.name == "late":
+        time.sleep(2.0)          # a file system that hangs in a stat, simulated
+    return original(self, upstream_ran)
+Task.run_reason = hanging
+def write(path):
+    Path(path).write_text("x")
+p = Pipeline(PoolExecutor("t"), quiet=True)
+first = p.add_task(Task("first", write, ["first.txt"], produces=[Path("first.txt")]))
+late = p.add_task(Task("late", write, ["late.txt"], produces=[Path("late.txt")], depends_on=[first]))
+code = p.run()
+print(code, first.attempts, late.attempts, late.status[0].name, late.reason)
+sys.exit(code)
+"""
+
+
+def test_the_pool_keeps_a_pipeline_whose_scheduler_blocks(home, workdir):
+    """The pipeline's scheduler blocks 2 s in one decision; the pool (heartbeat 0.2 s, so it drops a
+    client silent for 0.6 s) must still hear its heartbeats and keep its tasks."""
+    p = Pool(home, "t", local=1, heartbeat=0.2)
+    try:
+        p.wait_workers(1)
+        script = workdir / "hang.py"
+        script.write_text(HANGING)
+        r = subprocess.run([sys.executable, str(script)], cwd=workdir, env=env_for(home), capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.split()[:4] == ["0", "1", "1", "FINISHED"], r.stdout
+        assert not any("lost" in c for c in p.status().get("refusals", [])), p.status()
+    finally:
+        p.stop()
