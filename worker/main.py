@@ -23,6 +23,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 import zmq
 
 from depio import protocol as P
+from depio.inbox import drain_pipe
 from depio.protocol import TaskResult, TaskSpec
 
 from .slots import Slot, slot_context, stop_slots
@@ -361,7 +362,7 @@ class Worker:
                         if ev & (_POLLIN | _POLLERR) and self.slots[slot.index] is slot:
                             self._on_slot_readable(slot)
                 if self.wake_r in events:
-                    self._drain_wakeups()
+                    drain_pipe(self.wake_r)
                 if self.sock in events:
                     self._drain_socket()
                 self._check_timeouts()
@@ -378,13 +379,6 @@ class Worker:
         """Stop at the next turn of the loop (safe to call from a signal handler)."""
         if self.stopping is None:
             self.stopping = reason
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while os.read(self.wake_r, 512):
-                pass
-        except (BlockingIOError, OSError):
-            pass
 
     def _drain_socket(self) -> None:
         while self.sock.getsockopt(_EVENTS) & _POLLIN:     # cheaper than a zmq.Again raised
