@@ -19,15 +19,16 @@ from typing import Callable, Deque, Optional, Tuple
 import zmq
 
 from . import protocol as P
-from .inbox import drain_pipe, wait_for_driver
+from .inbox import DrivenLoop, drain_pipe
 
 log = logging.getLogger("depio.client")
 
 
-class DispatcherClient:
+class DispatcherClient(DrivenLoop):
     def __init__(self, address: str, key: bytes, name: str, on_message: Callable[[object], None],
                  on_lost: Callable[[str], None], context: Optional[zmq.Context] = None,
                  heartbeat: float = 1.0, liveness: int = 3, connect_timeout: float = 10.0):
+        super().__init__()
         self.address = address
         self.key = key
         self.name = name
@@ -42,11 +43,6 @@ class DispatcherClient:
         self._refused: Optional[str] = None
         self._stop = False
         self._outbox: Deque[object] = deque()
-        self._stopped = threading.Event()
-        self._lock = threading.Lock()       # held by `turn()`; `send_heartbeats` only tries it
-        self._thread: Optional[threading.Thread] = None
-        self._driver: Optional[threading.Thread] = None     # the thread that runs `turn()`
-        self._driver_id = 0
         self._wake_r = self._wake_w = -1
         self._own_pipe = True
 
@@ -102,12 +98,7 @@ class DispatcherClient:
         self._stop = True
         if self._wake_w >= 0 and not self._stopped.is_set():
             self.send(P.ClientBye("pipeline finished"))
-            if self._thread is not None:
-                self._thread.join(timeout)
-            elif not wait_for_driver(self._driver, self._stopped, timeout):
-                with self._lock:
-                    self._send_outbox(time.monotonic())
-                    self._finish(None)
+            self._await_stop(timeout, self._close_here)
         if self._own_pipe and self._wake_w >= 0:
             try:
                 os.close(self._wake_w)
@@ -116,21 +107,9 @@ class DispatcherClient:
             self._wake_w = -1
 
     # ------------------------------------------------------------ the loop
-    def _run(self) -> None:
-        while self.turn():
-            pass
-
-    def turn(self, block: bool = True) -> bool:
-        """One turn: wait (at most half a heartbeat; not at all when `block` is false or messages are
-        queued), send what is queued, hand on what arrived, keep the heartbeat. False once closed."""
-        if self._stopped.is_set():
-            return False
-        if self._driver_id != threading.get_ident():
-            self._driver, self._driver_id = threading.current_thread(), threading.get_ident()
-        with self._lock:
-            return self._turn(block)
-
     def _turn(self, block: bool) -> bool:
+        """One turn: wait (at most half a heartbeat; not at all when `block` is false or messages are
+        queued), send what is queued, hand on what arrived, keep the heartbeat."""
         try:
             wait = self.heartbeat * 500 if block and not self._outbox else 0
             events = dict(self._poller.poll(wait))
@@ -148,9 +127,7 @@ class DispatcherClient:
             if self._stop and not events:
                 self._finish(None)
                 return False
-            if now - self.last_sent >= self.heartbeat:
-                P.send_frames(self._sock, P.encode(P.Heartbeat(), self.key))
-                self.last_sent = now
+            self._send_due_heartbeats(now)
             limit = self.heartbeat * self.liveness if self.welcome else self.connect_timeout
             if now - self.last_heard > limit:
                 self._finish(f"the dispatcher at {self.address} went silent ({now - self.last_heard:.1f} s "
@@ -162,22 +139,14 @@ class DispatcherClient:
             self._finish(f"the connection to the dispatcher at {self.address} failed: {e!r}")
             return False
 
-    @property
-    def stopped(self) -> threading.Event:
-        return self._stopped
+    def _send_due_heartbeats(self, now: float) -> None:
+        if now - self.last_sent >= self.heartbeat:      # the pool must not drop this pipeline
+            P.send_frames(self._sock, P.encode(P.Heartbeat(), self.key))
+            self.last_sent = now
 
-    def send_heartbeats(self) -> None:
-        """From another thread, while the one that runs `turn()` is busy elsewhere: a heartbeat if one
-        is due, so that the pool does not drop this pipeline."""
-        if not self._lock.acquire(blocking=False):
-            return
-        try:
-            now = time.monotonic()
-            if not self._stopped.is_set() and now - self.last_sent >= self.heartbeat:
-                P.send_frames(self._sock, P.encode(P.Heartbeat(), self.key))
-                self.last_sent = now
-        finally:
-            self._lock.release()
+    def _close_here(self) -> None:
+        self._send_outbox(time.monotonic())
+        self._finish(None)
 
     def _send_outbox(self, now: float) -> bool:
         """Send what other code queued; True if that included our goodbye (after `close`)."""

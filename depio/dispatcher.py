@@ -27,7 +27,7 @@ from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 import zmq
 
 from . import protocol as P
-from .inbox import drain_pipe, wait_for_driver
+from .inbox import DrivenLoop, drain_pipe
 from .protocol import TaskSpec
 
 log = logging.getLogger("depio.dispatcher")
@@ -126,12 +126,13 @@ class WorkerRegistry:
         return sum(w.slots for w in self.by_identity.values())
 
 
-class Dispatcher:
+class Dispatcher(DrivenLoop):
     """See the module docstring. `start()` binds and runs the loop in a thread; `stop()` ends it."""
 
     def __init__(self, key: bytes, worker_address: str = "tcp://127.0.0.1:*",
                  client_address: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
                  context: Optional[zmq.Context] = None, name: str = "dispatcher", remote_clients: bool = True):
+        super().__init__()
         self.key = key
         self.heartbeat = heartbeat
         self.liveness = liveness
@@ -157,12 +158,7 @@ class Dispatcher:
         self._stop_reason: Optional[str] = None
         self._next_liveness_check = 0.0
         self.worker_address = ""
-        self._thread: Optional[threading.Thread] = None
         self._ready = threading.Event()
-        self._stopped = threading.Event()
-        self._lock = threading.Lock()       # held by `turn()`; `send_heartbeats` only tries it
-        self._driver: Optional[threading.Thread] = None    # the thread that runs `turn()`
-        self._driver_id = 0
         self._wake_r = self._wake_w = -1
         self._own_pipe = True
         self._error: Optional[BaseException] = None
@@ -219,12 +215,7 @@ class Dispatcher:
             return
         self._local_inbox.append((b"", ("stop", reason)))
         self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        elif not wait_for_driver(self._driver, self._stopped, timeout):
-            with self._lock:
-                self._close(reason)
+        self._await_stop(timeout, lambda: self._close(reason))
         if self._own_pipe:
             try:
                 os.close(self._wake_w)
@@ -279,22 +270,10 @@ class Dispatcher:
             pass
 
     # ------------------------------------------------------------ the loop
-    def _run(self) -> None:
-        while self.turn():
-            pass
-
-    def turn(self, block: bool = True) -> bool:
-        """One turn of the loop: wait for messages (at most half a heartbeat; not at all when `block`
-        is false or local messages are queued), handle them, assign work, check liveness, send the
-        clients' reports. False once the dispatcher has stopped."""
-        if self._stopped.is_set():
-            return False
-        if self._driver_id != threading.get_ident():
-            self._driver, self._driver_id = threading.current_thread(), threading.get_ident()
-        with self._lock:
-            return self._turn(block)
-
     def _turn(self, block: bool) -> bool:
+        """One turn: wait for messages (at most half a heartbeat; not at all when `block` is false or
+        local messages are queued), handle them, assign work, check liveness, send the clients'
+        reports."""
         try:
             wait = self.heartbeat * 500 if block and not self._local_inbox else 0
             events = dict(self._poller.poll(wait))
@@ -319,27 +298,13 @@ class Dispatcher:
             self._close(f"dispatcher failed: {e!r}")
             return False
 
-    @property
-    def stopped(self) -> threading.Event:
-        return self._stopped
-
-    def send_heartbeats(self) -> None:
-        """From another thread, while the one that runs `turn()` is busy elsewhere: the heartbeats that
-        are due, nothing else (no peer is declared lost from here)."""
-        if not self._lock.acquire(blocking=False):
-            return                  # a turn is running: it keeps the heartbeats itself
-        try:
-            if self._stopped.is_set():
-                return
-            now = time.monotonic()
-            for w in self.workers:
-                if now - w.last_sent >= self.heartbeat:
-                    self._send_worker(w, P.Heartbeat())
-            for c in list(self.clients.values()):
-                if c.deliver is None and now - c.last_sent >= self.heartbeat:
-                    self._send_client(c, P.Heartbeat())
-        finally:
-            self._lock.release()
+    def _send_due_heartbeats(self, now: float) -> None:
+        for w in self.workers:
+            if now - w.last_sent >= self.heartbeat:
+                self._send_worker(w, P.Heartbeat())
+        for c in list(self.clients.values()):
+            if c.deliver is None and now - c.last_sent >= self.heartbeat:
+                self._send_client(c, P.Heartbeat())
 
     def _close(self, reason: str) -> None:
         """The end: workers and remote clients hear why, the sockets close."""

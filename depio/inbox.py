@@ -21,7 +21,7 @@ import select
 import threading
 import time
 from collections import deque
-from typing import Any, Deque, Optional, Tuple
+from typing import Any, Callable, Deque, Optional, Tuple
 
 
 def drain_pipe(fd: int) -> None:
@@ -33,15 +33,69 @@ def drain_pipe(fd: int) -> None:
         pass
 
 
-def wait_for_driver(driver: Optional[threading.Thread], stopped: threading.Event, timeout: float) -> bool:
-    """After asking a `threaded=False` loop to stop: wait until it has, while the thread that drives
-    it lives. False if it has not stopped and nobody drives it any more: the caller may close it, its
-    sockets are free."""
-    deadline = time.monotonic() + timeout
-    while driver is not None and driver is not threading.current_thread() and driver.is_alive() \
-            and not stopped.wait(0.02) and time.monotonic() < deadline:
-        pass
-    return stopped.is_set() or (driver is not None and driver.is_alive())
+class DrivenLoop:
+    """What `Dispatcher` and `DispatcherClient` share: a thread of their own runs `turn()`, or the
+    scheduler actor's thread does (through `DispatchingInbox`), and a keep-alive thread may send their
+    due heartbeats in between. A subclass implements `_turn(block)` and `_send_due_heartbeats(now)`."""
+
+    heartbeat: float
+
+    def __init__(self) -> None:
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()       # held by `turn()`; `send_heartbeats` only tries it
+        self._thread: Optional[threading.Thread] = None     # its own thread, if it has one
+        self._driver: Optional[threading.Thread] = None     # the thread that runs `turn()`
+        self._driver_id = 0
+
+    @property
+    def stopped(self) -> threading.Event:
+        return self._stopped
+
+    def _run(self) -> None:
+        while self.turn():
+            pass
+
+    def turn(self, block: bool = True) -> bool:
+        """One turn of the loop (see the subclass's `_turn`); False once it has stopped."""
+        if self._stopped.is_set():
+            return False
+        if self._driver_id != threading.get_ident():
+            self._driver, self._driver_id = threading.current_thread(), threading.get_ident()
+        with self._lock:
+            return self._turn(block)
+
+    def send_heartbeats(self) -> None:
+        """From another thread, while the one that runs `turn()` is busy elsewhere: the heartbeats that
+        are due, nothing else (no peer is declared lost from here)."""
+        if not self._lock.acquire(blocking=False):
+            return                  # a turn is running: it keeps the heartbeats itself
+        try:
+            if not self._stopped.is_set():
+                self._send_due_heartbeats(time.monotonic())
+        finally:
+            self._lock.release()
+
+    def _await_stop(self, timeout: float, close: Callable[[], None]) -> None:
+        """After asking the loop to stop: join its own thread, or wait while the thread that drives it
+        lives. If it has not stopped and nobody drives it any more, its sockets are free: `close` here."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+            return
+        driver = self._driver
+        deadline = time.monotonic() + timeout
+        while driver is not None and driver is not threading.current_thread() and driver.is_alive() \
+                and not self._stopped.wait(0.02) and time.monotonic() < deadline:
+            pass
+        if not self._stopped.is_set() and not (driver is not None and driver.is_alive()):
+            with self._lock:
+                close()
+
+    def _turn(self, block: bool) -> bool:
+        raise NotImplementedError
+
+    def _send_due_heartbeats(self, now: float) -> None:
+        raise NotImplementedError
 
 
 class DispatchingInbox:
