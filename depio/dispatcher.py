@@ -298,14 +298,6 @@ class Dispatcher(DrivenLoop):
             self._close(f"dispatcher failed: {e!r}")
             return False
 
-    def _send_due_heartbeats(self, now: float) -> None:
-        for w in self.workers:
-            if now - w.last_sent >= self.heartbeat:
-                self._send_worker(w, P.Heartbeat())
-        for c in list(self.clients.values()):
-            if c.deliver is None and now - c.last_sent >= self.heartbeat:
-                self._send_client(c, P.Heartbeat())
-
     def _close(self, reason: str) -> None:
         """The end: workers and remote clients hear why, the sockets close."""
         if self._stopped.is_set():

@@ -11,8 +11,8 @@ lets an actor class choose its inbox; this one keeps pykka's contract (`put` fro
 Long work in the actor (deciding about 100,000 tasks) must not starve the dispatcher's heartbeats:
 the scheduler calls `breathe()` in its long loops, which runs a non-blocking turn when one is due.
 A single step that blocks (a `stat` on a file system that hangs for seconds) cannot breathe: a small
-keep-alive thread then sends the heartbeats that are due, so that workers and pools do not give the
-run up while it waits. It never declares a peer lost; the next turn reads what arrived meanwhile.
+keep-alive thread then runs non-blocking turns itself, so that workers register, results come in
+and heartbeats go out while it waits. What arrives for the actor waits in this inbox.
 """
 from __future__ import annotations
 
@@ -35,14 +35,14 @@ def drain_pipe(fd: int) -> None:
 
 class DrivenLoop:
     """What `Dispatcher` and `DispatcherClient` share: a thread of their own runs `turn()`, or the
-    scheduler actor's thread does (through `DispatchingInbox`), and a keep-alive thread may send their
-    due heartbeats in between. A subclass implements `_turn(block)` and `_send_due_heartbeats(now)`."""
+    scheduler actor's thread does (through `DispatchingInbox`), and a keep-alive thread may run a turn
+    in between (`turn_aside`). A subclass implements `_turn(block)`."""
 
     heartbeat: float
 
     def __init__(self) -> None:
         self._stopped = threading.Event()
-        self._lock = threading.Lock()       # held by `turn()`; `send_heartbeats` only tries it
+        self._lock = threading.Lock()       # held by a turn; `turn_aside` only tries it
         self._thread: Optional[threading.Thread] = None     # its own thread, if it has one
         self._driver: Optional[threading.Thread] = None     # the thread that runs `turn()`
         self._driver_id = 0
@@ -64,14 +64,14 @@ class DrivenLoop:
         with self._lock:
             return self._turn(block)
 
-    def send_heartbeats(self) -> None:
-        """From another thread, while the one that runs `turn()` is busy elsewhere: the heartbeats that
-        are due, nothing else (no peer is declared lost from here)."""
+    def turn_aside(self) -> None:
+        """From another thread, while the one that runs `turn()` is busy elsewhere: one non-blocking
+        turn, unless one is running. It does not become the loop's driver."""
         if not self._lock.acquire(blocking=False):
-            return                  # a turn is running: it keeps the heartbeats itself
+            return                  # a turn is running: it keeps the loop going itself
         try:
             if not self._stopped.is_set():
-                self._send_due_heartbeats(time.monotonic())
+                self._turn(False)
         finally:
             self._lock.release()
 
@@ -92,9 +92,6 @@ class DrivenLoop:
                 close()
 
     def _turn(self, block: bool) -> bool:
-        raise NotImplementedError
-
-    def _send_due_heartbeats(self, now: float) -> None:
         raise NotImplementedError
 
 
@@ -125,7 +122,7 @@ class DispatchingInbox:
 
     def attach(self, loop) -> None:
         """From the actor's thread: from now on `get` runs this loop while it waits. The loop has
-        `turn(block)`, `heartbeat`, `stopped` (an Event) and `send_heartbeats()`."""
+        `turn(block)`, `heartbeat`, `stopped` (an Event) and `turn_aside()`."""
         self._dispatcher = loop
         self._last_turn = time.monotonic()
         threading.Thread(target=self._keep_alive, args=(loop,), name="depio-keepalive", daemon=True).start()
@@ -134,7 +131,7 @@ class DispatchingInbox:
         # `loop.heartbeat` is read each time: a pool's welcome sets the interval after the attach
         while not loop.stopped.wait(loop.heartbeat / 4):
             if time.monotonic() - self._last_turn >= loop.heartbeat / 4:     # the actor is busy elsewhere
-                loop.send_heartbeats()
+                loop.turn_aside()
 
     # ------------------------------------------------------------ pykka's ActorInbox
     def put(self, envelope: Any, block: bool = True, timeout: Optional[float] = None) -> None:

@@ -153,3 +153,24 @@ def test_heartbeats_go_on_while_the_scheduler_blocks_in_one_call(workdir, monkey
     assert time.monotonic() - t0 >= 2.0
     for t in (first, late):
         assert t._status is TaskStatus.FINISHED and t.attempts == 1, (t.name, t._status, t.reason)
+
+
+@pytest.mark.timeout(90)
+def test_workers_that_register_while_the_scheduler_blocks_are_welcomed(workdir, monkeypatch):
+    """The first runnable task starts the workers; deciding about the next one then blocks for 2 s.
+    The workers register meanwhile: the keep-alive thread's turns must welcome them (heartbeats alone
+    go only to workers the dispatcher knows), or they give up after their 0.6 s liveness window."""
+    original = Task.run_reason
+
+    def hanging_run_reason(self, upstream_ran=None):
+        if self.name == "slow":
+            time.sleep(2.0)
+        return original(self, upstream_ran)
+
+    monkeypatch.setattr(Task, "run_reason", hanging_run_reason)
+    p = Pipeline(ParallelExecutor(workers=2, heartbeat=0.2, liveness=3), quiet=True)
+    first = p.add_task(Task("first", _write, [Path("first.txt")], produces=[Path("first.txt")]))
+    slow = p.add_task(Task("slow", _write, [Path("slow.txt")], produces=[Path("slow.txt")]))
+    assert p.run() == 0
+    for t in (first, slow):
+        assert t._status is TaskStatus.FINISHED and t.attempts == 1, (t.name, t._status, t.reason)
