@@ -11,6 +11,12 @@ work shares the slots.
 Liveness follows the ZeroMQ guide's Paranoid Pirate: both sides send a heartbeat when they have
 been silent for an interval; a peer silent for `liveness` intervals is gone. A lost worker's tasks
 go back to their client as `TaskLost` (the client's scheduler decides whether to retry).
+
+Followers (`TaskSpec.after`): a pipeline may hand out a task whose one unfinished dependency is in
+flight. It goes, without using a credit, to the worker that has (or gets) that dependency, which
+starts it the moment the dependency succeeds: a chain of tasks then runs without a round trip to
+the pipeline per link. A follower whose dependency has already ended here goes back to its client
+(`TaskReturned`), which decides again.
 """
 from __future__ import annotations
 
@@ -69,6 +75,11 @@ class ClientInfo:
     last_sent: float = field(default_factory=time.monotonic)
     done: int = 0
     deliver: Optional[Callable[[object], None]] = None   # a client in this process: no socket, no pickles
+    # followers: where each task key of this client is (queued here, or a job on a worker), and the
+    # followers waiting here for a queued task to be assigned
+    queued_keys: Set[int] = field(default_factory=set)
+    job_of_key: Dict[int, int] = field(default_factory=dict)
+    followers: Dict[int, List[TaskSpec]] = field(default_factory=dict)
 
 
 class LocalClient:
@@ -421,16 +432,30 @@ class Dispatcher(DrivenLoop):
                 job.started = True
                 self._report(job.client)[1].append((job.spec.key, job.spec.attempt, t, w.name))
         for jid, result in msg.done:
-            job = self.jobs.pop(jid, None)
-            w.jobs.discard(jid)
-            if job is None or job.worker is not w:
+            job = self._end_job(w, jid)
+            if job is None:
                 self.late_results += 1
                 continue      # cancelled, or the worker was declared lost and the task re-sent
             w.done += 1
             self.tasks_done += 1
-            job.client.jobs.discard(jid)
             job.client.done += 1
             self._report(job.client)[2].append(result)
+        for jid, reason in msg.returned:
+            job = self._end_job(w, jid)
+            if job is not None:
+                self._report(job.client)[4].append(P.TaskReturned(job.spec.key, job.spec.attempt, reason))
+
+    def _end_job(self, w: WorkerInfo, jid: int) -> Optional[Job]:
+        """Forget job `jid` of worker `w`; None if it is not (or no longer) that worker's."""
+        job = self.jobs.pop(jid, None)
+        w.jobs.discard(jid)
+        if job is None or job.worker is not w:
+            return None
+        c = job.client
+        c.jobs.discard(jid)
+        if c.job_of_key.get(job.spec.key) == jid:
+            del c.job_of_key[job.spec.key]
+        return job
 
     def _lose_worker(self, w: WorkerInfo, reason: str) -> None:
         """Forget the worker and hand each of its jobs back to its client as lost. Should the worker
@@ -443,6 +468,7 @@ class Dispatcher(DrivenLoop):
             if job is None:
                 continue
             job.client.jobs.discard(jid)
+            job.client.job_of_key.pop(job.spec.key, None)
             self._report(job.client)[3].append(P.TaskLost(job.spec.key, job.spec.attempt, reason, job.started))
         w.jobs.clear()
         log.warning(reason)
@@ -493,9 +519,7 @@ class Dispatcher(DrivenLoop):
         c.last_heard = time.monotonic()
         if isinstance(msg, P.Submit):
             c.functions.update(msg.functions)
-            if not c.queue:
-                self._rr.append(identity)
-            c.queue.extend(msg.tasks)
+            self._queue(c, msg.tasks)
         elif isinstance(msg, P.CancelTasks):
             self._cancel(c, None if msg.keys is None else set(msg.keys), msg.reason)
         elif isinstance(msg, P.ClientBye):
@@ -515,16 +539,26 @@ class Dispatcher(DrivenLoop):
             pass
 
     def _cancel(self, c: ClientInfo, keys: Optional[set], reason: str) -> None:
+        """Forget the client's tasks `keys` (None: all): queued here, or jobs on workers (which are told).
+        A follower waiting here for a cancelled task goes back to the client."""
         if keys is None:
             c.queue.clear()
+            c.queued_keys.clear()
+            c.followers.clear()
         else:
             c.queue = deque(s for s in c.queue if s.key not in keys)
+            c.queued_keys.difference_update(keys)
+            for pred in [k for k in c.followers if k in keys]:
+                self._return_followers(c, pred, "its predecessor was cancelled", keys)
+            for pred, waiting in list(c.followers.items()):
+                c.followers[pred] = [s for s in waiting if s.key not in keys]
         per_worker: Dict[bytes, List[int]] = {}
         for jid in list(c.jobs):
             job = self.jobs[jid]
             if keys is None or job.spec.key in keys:
                 del self.jobs[jid]
                 c.jobs.discard(jid)
+                c.job_of_key.pop(job.spec.key, None)
                 job.worker.jobs.discard(jid)
                 per_worker.setdefault(job.worker.identity, []).append(jid)
         for identity, jids in per_worker.items():
@@ -532,21 +566,60 @@ class Dispatcher(DrivenLoop):
             if w is not None:
                 self._send_worker(w, P.CancelJobs(tuple(jids), reason))
 
+    def _queue(self, c: ClientInfo, specs: Tuple[TaskSpec, ...]) -> None:
+        """Queue a client's tasks. A follower goes at once to the worker that has its predecessor,
+        waits here for a predecessor that is queued, or goes back when the predecessor has ended."""
+        was_empty = not c.queue
+        queue, queued = c.queue, c.queued_keys
+        direct: Dict[bytes, Tuple[WorkerInfo, List[Tuple[int, TaskSpec]], Dict[bytes, bytes], List[Tuple[int, int]]]] = {}
+        for spec in specs:
+            pred = spec.after
+            if pred is None:
+                queue.append(spec)
+                queued.add(spec.key)
+            elif pred in queued:
+                c.followers.setdefault(pred, []).append(spec)
+                queued.add(spec.key)
+            else:
+                jid = c.job_of_key.get(pred)
+                if jid is None:
+                    self._report(c)[4].append(P.TaskReturned(spec.key, spec.attempt,
+                                                             "its predecessor had ended when it arrived"))
+                    continue
+                w = self.jobs[jid].worker
+                _, batch, functions, after = direct.setdefault(w.identity, (w, [], {}, []))
+                self._place(c, w, spec, batch, functions, after, jid)
+        for w, batch, functions, after in direct.values():
+            self._send_worker(w, P.RunTasks(tuple(batch), functions, tuple(after)))
+        if was_empty and queue:
+            self._rr.append(c.identity)
+
+    def _return_followers(self, c: ClientInfo, pred: int, reason: str, cancelled: Set[int]) -> None:
+        """Followers waiting here for `pred` (and theirs) go back to the client, except cancelled ones."""
+        stack = [pred]
+        while stack:
+            for f in c.followers.pop(stack.pop(), ()):
+                c.queued_keys.discard(f.key)
+                if f.key not in cancelled:
+                    self._report(c)[4].append(P.TaskReturned(f.key, f.attempt, reason))
+                stack.append(f.key)
+
     def _drop_client(self, c: ClientInfo, reason: str) -> None:
         self._cancel(c, None, reason)
         self.clients.pop(c.identity, None)
         log.info(reason)
 
     def _report(self, c: ClientInfo):
+        """This turn's report to client `c`: (client, started, done, lost, returned)."""
         entry = self._reports.get(c.client_id)
         if entry is None:
-            entry = self._reports[c.client_id] = (c, [], [], [])
+            entry = self._reports[c.client_id] = (c, [], [], [], [])
         return entry
 
     def _flush_reports(self) -> None:
-        for c, started, done, lost in self._reports.values():
+        for c, started, done, lost, returned in self._reports.values():
             if c.identity in self.clients:
-                self._send_client(c, P.ClientReport(tuple(started), tuple(done), tuple(lost)))
+                self._send_client(c, P.ClientReport(tuple(started), tuple(done), tuple(lost), tuple(returned)))
         self._reports = {}
 
     # ------------------------------------------------------------ assignment
@@ -556,23 +629,49 @@ class Dispatcher(DrivenLoop):
         worker could start now."""
         if not self._rr:
             return
-        batches: Dict[bytes, Tuple[WorkerInfo, List[Tuple[int, TaskSpec]], Dict[bytes, bytes]]] = {}
+        batches: Dict[bytes, Tuple[WorkerInfo, List[Tuple[int, TaskSpec]], Dict[bytes, bytes], List[Tuple[int, int]]]] = {}
         for prefetch in (False, True):
             for w in sorted(self.workers.with_credit(), key=lambda w: len(w.jobs) - w.slots):
                 n = w.credits if prefetch else min(w.credits, w.slots - len(w.jobs))
                 if n > 0:
-                    _, batch, functions = batches.setdefault(w.identity, (w, [], {}))
-                    self._take(w, n, batch, functions)
+                    _, batch, functions, after = batches.setdefault(w.identity, (w, [], {}, []))
+                    self._take(w, n, batch, functions, after)
                 if not self._rr:
                     break
             if not self._rr:
                 break
-        for w, batch, functions in batches.values():
+        for w, batch, functions, after in batches.values():
             if batch:
-                self._send_worker(w, P.RunTasks(tuple(batch), functions))
+                self._send_worker(w, P.RunTasks(tuple(batch), functions, tuple(after)))
 
-    def _take(self, w: WorkerInfo, n: int, batch: List[Tuple[int, TaskSpec]], functions: Dict[bytes, bytes]) -> None:
-        """Up to `n` tasks for worker `w`, round-robin over the clients with queued work."""
+    def _place(self, c: ClientInfo, w: WorkerInfo, spec: TaskSpec, batch: List[Tuple[int, TaskSpec]],
+               functions: Dict[bytes, bytes], after: List[Tuple[int, int]], pred_jid: Optional[int] = None) -> None:
+        """Make `spec` a job of worker `w` (in `batch`), and the followers waiting for it too."""
+        todo = [(spec, pred_jid)]
+        while todo:
+            spec, pred_jid = todo.pop()
+            jid = self._next_jid
+            self._next_jid += 1
+            self.jobs[jid] = Job(c, w, spec)
+            c.jobs.add(jid)
+            w.jobs.add(jid)
+            c.job_of_key[spec.key] = jid
+            if spec.func_digest not in w.functions:
+                functions[spec.func_digest] = c.functions[spec.func_digest]
+                w.functions.add(spec.func_digest)
+            batch.append((jid, spec))
+            if pred_jid is not None:
+                after.append((jid, pred_jid))
+            if c.followers:
+                waiting = c.followers.pop(spec.key, None)
+                if waiting:
+                    todo.extend((f, jid) for f in reversed(waiting))
+                    c.queued_keys.difference_update(f.key for f in waiting)
+
+    def _take(self, w: WorkerInfo, n: int, batch: List[Tuple[int, TaskSpec]], functions: Dict[bytes, bytes],
+              after: List[Tuple[int, int]]) -> None:
+        """Up to `n` tasks for worker `w`, round-robin over the clients with queued work (their
+        followers go along without using credits)."""
         while n > 0 and self._rr:
             identity = self._rr[0]
             c = self.clients.get(identity)
@@ -583,15 +682,8 @@ class Dispatcher(DrivenLoop):
             share = n if len(self._rr) == 1 else max(1, n // len(self._rr))
             for _ in range(min(share, len(c.queue))):
                 spec = c.queue.popleft()
-                jid = self._next_jid
-                self._next_jid += 1
-                self.jobs[jid] = Job(c, w, spec)
-                c.jobs.add(jid)
-                w.jobs.add(jid)
-                if spec.func_digest not in w.functions:
-                    functions[spec.func_digest] = c.functions[spec.func_digest]
-                    w.functions.add(spec.func_digest)
-                batch.append((jid, spec))
+                c.queued_keys.discard(spec.key)
+                self._place(c, w, spec, batch, functions, after)
                 w.credits -= 1
                 n -= 1
             self._rr.rotate(-1)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import cloudpickle
 import zmq
 
-PROTOCOL_VERSION = 3      # 2: messages travel as tuples (`to_wire`); 3: TaskLost.started
+PROTOCOL_VERSION = 4      # 2: messages travel as tuples (`to_wire`); 3: TaskLost.started; 4: followers
 HEADER = b"depio/%d" % PROTOCOL_VERSION
 HEADER_PREFIX = b"depio/"
 REFUSED_HEADER = b"depio/refused"   # an unsigned, plain-text refusal any version can read
@@ -61,6 +61,7 @@ class TaskSpec:
     products: Tuple[str, ...] = ()
     dependencies: Tuple[str, ...] = ()
     timeout: Optional[float] = None
+    after: Optional[int] = None   # a follower: runs where task `after` (key) runs, once it succeeded
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,8 @@ class RequestWork:
 class RunTasks:
     tasks: Tuple[Tuple[int, TaskSpec], ...] = field(metadata={"wire": ("jobs", "TaskSpec")})   # (job id, spec)
     functions: Dict[bytes, bytes] = field(default_factory=dict)
+    # (job id, job id of its predecessor): followers, held until that job succeeds on this worker
+    after: Tuple[Tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,7 @@ class WorkerReport:
     started: Tuple[Tuple[int, float], ...] = ()      # (job id, time)
     done: Tuple[Tuple[int, TaskResult], ...] = field(default=(), metadata={"wire": ("jobs", "TaskResult")})
     credits: int = 0                                 # more tasks it can take (as RequestWork)
+    returned: Tuple[Tuple[int, str], ...] = ()       # (job id, why): followers given back, never started
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +189,20 @@ class TaskLost:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskReturned:
+    """A follower handed back unstarted: its predecessor failed, was cancelled or lost, or had ended
+    before the follower reached the dispatcher. Not a fault of the task; its scheduler re-decides it."""
+    key: int
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ClientReport:
     started: Tuple[Tuple[int, int, float, str], ...] = ()   # (key, attempt, time, worker)
     done: Tuple[TaskResult, ...] = field(default=(), metadata={"wire": ("items", "TaskResult")})
     lost: Tuple[TaskLost, ...] = field(default=(), metadata={"wire": ("items", "TaskLost")})
+    returned: Tuple[TaskReturned, ...] = field(default=(), metadata={"wire": ("items", "TaskReturned")})
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,8 +239,8 @@ class StopRequest:
 MESSAGE_TYPES = (TaskSpec, TaskResult, Register, Welcome, Refused, RequestWork, RunTasks, WorkerReport,
                  CancelJobs, Heartbeat, Shutdown, Goodbye, Reregister, ClientHello, ClientWelcome, Submit,
                  CancelTasks, TaskLost, ClientReport, WorkersChanged, ClientBye, StatusRequest, StatusReply,
-                 StopRequest)
-_MESSAGES = frozenset(t for t in MESSAGE_TYPES if t not in (TaskSpec, TaskResult, TaskLost))
+                 StopRequest, TaskReturned)
+_MESSAGES = frozenset(t for t in MESSAGE_TYPES if t not in (TaskSpec, TaskResult, TaskLost, TaskReturned))
 
 
 # ---------------------------------------------------------------- wire form: tuples

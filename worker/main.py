@@ -5,6 +5,11 @@ code runs in this process (tasks run in slot processes), so heartbeats keep flow
 task does. The flow of work is credit based: the worker grants the dispatcher credits for as many
 tasks as it wants to hold (slots, plus a prefetch that grows for short tasks and shrinks to zero
 for long ones), so short tasks stream and long ones are not hoarded.
+
+A follower (`RunTasks.after`) is a task whose one unfinished dependency runs on this worker: it is
+held here and goes to a slot the moment that job succeeds, without a round trip to its pipeline.
+If the job fails, is cancelled or is unknown here, the follower is handed back unstarted
+(`WorkerReport.returned`) and its pipeline decides again.
 """
 from __future__ import annotations
 
@@ -17,8 +22,8 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
-from typing import Deque, Dict, List, Optional, Tuple
+from collections import OrderedDict, deque
+from typing import Deque, Dict, List, Optional, Set, Tuple
 
 import zmq
 
@@ -34,6 +39,7 @@ DEFAULT_HEARTBEAT = 1.0
 DEFAULT_LIVENESS = 3
 DEFAULT_KILL_GRACE = 2.0    # seconds between SIGTERM and SIGKILL for a cancelled task
 START_REPORT_DELAY = 0.01   # a start rides with its task's result if that comes this soon (seconds)
+OUTCOMES_KEPT = 65536       # how many ended jobs a late follower can still find (job id -> succeeded)
 # plain ints: pyzmq's flag enums cost a Python-level call on every `&` and `|` of the event loop
 _POLLIN, _POLLOUT, _POLLERR, _EVENTS = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR), int(zmq.EVENTS)
 
@@ -72,6 +78,10 @@ class Worker:
         self.started: List[Tuple[int, float]] = []   # (job id, time) not reported yet
         self.first_unreported_start: Optional[float] = None   # time.monotonic() of started[0]
         self.done: List[Tuple[int, TaskResult]] = []
+        self.active: Set[int] = set()                 # jobs received and not ended: queued, held or in a slot
+        self.held: Dict[int, List[Tuple[int, TaskSpec]]] = {}   # job id -> followers waiting for it to succeed
+        self.outcomes: "OrderedDict[int, bool]" = OrderedDict()   # ended jobs, oldest first: succeeded?
+        self.returned: List[Tuple[int, str]] = []     # followers handed back, not reported yet
         self.last_sent = 0.0
         self.last_heard = 0.0
         self.last_busy = time.monotonic()
@@ -169,8 +179,12 @@ class Worker:
     def _on_message(self, msg: object) -> None:
         if isinstance(msg, P.RunTasks):
             self.functions.update(msg.functions)
-            self.queue.extend(msg.tasks)
-            self.open_credits = max(0, self.open_credits - len(msg.tasks))
+            self.active.update(jid for jid, _ in msg.tasks)
+            if msg.after:
+                self._take_with_followers(msg.tasks, dict(msg.after))
+            else:
+                self.queue.extend(msg.tasks)
+            self.open_credits = max(0, self.open_credits - (len(msg.tasks) - len(msg.after)))
             self.last_busy = time.monotonic()
         elif isinstance(msg, P.CancelJobs):
             self._cancel(set(msg.jids))
@@ -198,7 +212,54 @@ class Worker:
             self._drop_all_tasks()
             self._connect()
 
+    # ------------------------------------------------------------ followers
+    def _take_with_followers(self, tasks: Tuple[Tuple[int, TaskSpec], ...], after: Dict[int, int]) -> None:
+        """Queue the tasks; hold each follower until its predecessor succeeds (or hand it back)."""
+        for item in tasks:
+            pred = after.get(item[0])
+            if pred is None:
+                self.queue.append(item)
+            elif pred in self.active:
+                self.held.setdefault(pred, []).append(item)
+            elif self.outcomes.get(pred):
+                self.queue.append(item)       # the predecessor succeeded before its follower arrived
+            else:
+                self._give_back(item[0], "its predecessor failed here" if pred in self.outcomes
+                                else "its predecessor is not on this worker")
+
+    def _ended(self, jid: int, ok: bool) -> None:
+        """Job `jid` is over here: release its followers to the front of the queue, or hand them back."""
+        self.active.discard(jid)
+        outcomes = self.outcomes
+        outcomes[jid] = ok
+        if len(outcomes) > OUTCOMES_KEPT:
+            outcomes.popitem(last=False)     # not a dict: deleting its first key again and again is O(n)
+        if self.held:
+            followers = self.held.pop(jid, None)
+            if followers:
+                if ok:
+                    self.queue.extendleft(reversed(followers))
+                else:
+                    for fjid, _ in followers:
+                        self._give_back(fjid, "its predecessor did not succeed")
+
+    def _give_back(self, jid: int, reason: str) -> None:
+        self.returned.append((jid, reason))
+        self._ended(jid, False)       # and whatever waits for it
+
     def _cancel(self, jids: set) -> None:
+        for pred in list(self.held):
+            kept = [item for item in self.held[pred] if item[0] not in jids]
+            if kept:
+                self.held[pred] = kept
+            else:
+                del self.held[pred]
+        for jid in jids:
+            if jid in self.active:
+                self.active.discard(jid)
+                self.outcomes[jid] = False
+                for fjid, _ in self.held.pop(jid, ()):
+                    self._give_back(fjid, "its predecessor was cancelled")
         self.queue = deque(item for item in self.queue if item[0] not in jids)
         for slot in list(self.slots):
             if not slot.assigned:
@@ -223,6 +284,9 @@ class Worker:
         self.started.clear()
         self.first_unreported_start = None
         self.done.clear()
+        self.active.clear()
+        self.held.clear()
+        self.returned.clear()
 
     # ------------------------------------------------------------ results from slots
     def _on_slot_readable(self, slot: Slot) -> None:
@@ -241,6 +305,7 @@ class Worker:
                 slot.ignored.discard(jid)
             else:
                 self.done.append((jid, result))
+                self._ended(jid, result.error is None)
             self.samples += 1
             alpha = max(0.2, 1.0 / self.samples)      # the first results count fully: adapt at once
             self.avg_duration += alpha * ((result.ended - result.started) - self.avg_duration)
@@ -268,6 +333,7 @@ class Worker:
             self.done.append((jid, TaskResult(spec.key, spec.attempt, slot.head_started, time.time(), "", "",
                                               {"kind": "WorkerCrash", "type": "ProcessDied", "message": msg,
                                                "traceback": "", "summary": msg}, None, self.name)))
+            self._ended(jid, False)
         log.warning("slot %d died (%s)", slot.index, how)
         self._replace_slot(slot)
 
@@ -282,6 +348,7 @@ class Worker:
                                                   {"kind": "TimeoutError", "type": "TimeoutError",
                                                    "message": f"Task {spec.name}: {msg}", "traceback": "",
                                                    "summary": msg}, None, self.name)))
+                self._ended(jid, False)
                 self._replace_slot(slot)
 
     # ------------------------------------------------------------ outgoing
@@ -306,16 +373,16 @@ class Worker:
                 want = 0
         starts_due = bool(self.started) and \
             time.monotonic() - self.first_unreported_start >= START_REPORT_DELAY
-        if not (self.done or want > 0 or starts_due):
+        if not (self.done or want > 0 or starts_due or self.returned):
             return
         started = self.started
         if started and self.done:
             finished = {jid for jid, _ in self.done}
             started = [item for item in started if item[0] not in finished]
-        self._send(P.WorkerReport(tuple(started), tuple(self.done), max(0, want)))
+        self._send(P.WorkerReport(tuple(started), tuple(self.done), max(0, want), tuple(self.returned)))
         if want > 0:
             self.open_credits += want
-        self.started, self.done = [], []
+        self.started, self.done, self.returned = [], [], []
         self.first_unreported_start = None
 
     def _next_wakeup(self) -> float:

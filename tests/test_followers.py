@@ -1,0 +1,175 @@
+"""Followers: a task whose one unfinished dependency is in flight goes along to that dependency's
+worker and starts there once it succeeded. Real dispatchers, workers, slots and pools on loopback;
+what is checked is what ran, where, in which order, and what came back unstarted."""
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import cloudpickle
+import pytest
+
+from depio import protocol as P
+from depio.dispatcher import Dispatcher
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def step(d: str, name: str, seconds: float = 0.0, fail: bool = False) -> int:
+    """Log the run (name, worker pid, start, end) in `d`/runs.log; sleep; maybe raise."""
+    start = time.time()
+    if seconds:
+        time.sleep(seconds)
+    with open(Path(d, "runs.log"), "a") as f:
+        f.write(f"{name} {os.getppid()} {start:.6f} {time.time():.6f}\n")
+    if fail:
+        raise ValueError(f"{name} fails on purpose")
+    return os.getppid()
+
+
+def fail_once(d: str, name: str) -> int:
+    """Fails on its first attempt (a marker file tells the attempts apart), then succeeds."""
+    first = not Path(d, f"{name}.failed").exists()
+    Path(d, f"{name}.failed").touch()
+    return step(d, name, fail=first)
+
+
+def hold(d: str, name: str) -> int:
+    """The first attempt says where it runs and waits for the test's `release` file; later ones return."""
+    marker = Path(d, f"{name}.first")
+    if not marker.exists():
+        marker.write_text(f"{os.getppid()} {os.getpid()}")
+        deadline = time.time() + 60
+        while not Path(d, "release").exists() and time.time() < deadline:
+            time.sleep(0.02)
+    return step(d, name)
+
+
+def runs(d: Path) -> List[tuple]:
+    """(name, worker pid, start, end) of every run, in the order they ended."""
+    path = d / "runs.log"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        name, pid, start, end = line.split()
+        out.append((name, int(pid), float(start), float(end)))
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_for(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---------------------------------------------------------------- dispatcher and worker, by hand
+
+class Client:
+    """A pipeline's side of a dispatcher in this process: sends specs, collects what comes back."""
+
+    def __init__(self, d: Dispatcher, workdir: Path):
+        self.inbox: "queue.Queue[object]" = queue.Queue()
+        self.local = d.attach_local("test", self.inbox.put)
+        self.workdir = workdir
+        self.done: Dict[int, P.TaskResult] = {}
+        self.returned: Dict[int, P.TaskReturned] = {}
+        self.sent_function = False
+
+    def spec(self, key: int, name: str, func=step, after: Optional[int] = None, **kw) -> P.TaskSpec:
+        digest = func.__name__.encode()
+        return P.TaskSpec(key, 1, name, digest, pickle.dumps(((str(self.workdir), name), kw)), after=after)
+
+    def submit(self, *specs: P.TaskSpec) -> None:
+        functions = {f.__name__.encode(): cloudpickle.dumps(f) for f in (step, fail_once, hold)}
+        self.local.send(P.Submit(tuple(specs), functions))
+
+    def wait(self, done=(), returned=(), timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not (set(done) <= set(self.done) and set(returned) <= set(self.returned)):
+            try:
+                msg = self.inbox.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"waited for results {done} and returns {returned}; have results "
+                                     f"{sorted(self.done)} and returns {sorted(self.returned)}") from None
+            if isinstance(msg, P.ClientReport):
+                self.done.update((r.key, r) for r in msg.done)
+                self.returned.update((r.key, r) for r in msg.returned)
+
+
+@pytest.fixture
+def one_worker(workdir):
+    key = P.new_key()
+    d = Dispatcher(key, heartbeat=0.5, liveness=6, remote_clients=False).start()
+    # the task functions are this module's: the worker imports them (a pipeline would pickle them by value)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(Path(__file__).parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    env[P.KEY_ENV] = key.hex()
+    worker = subprocess.Popen([sys.executable, "-m", "worker", "--connect", d.worker_address, "--slots", "1",
+                               "--kill-grace", "1"], env=env, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(d.workers) == 1, 30, "the worker to register")
+        yield d, Client(d, workdir), worker
+    finally:
+        d.stop("test over")
+        try:
+            worker.wait(10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def test_a_follower_starts_where_and_when_its_predecessor_succeeded(one_worker, workdir):
+    d, c, worker = one_worker
+    c.submit(c.spec(0, "a", seconds=0.5))
+    wait_for(lambda: d.jobs, 10, "the predecessor to be a job")
+    c.submit(c.spec(1, "b", after=0))                  # while a runs: straight to a's worker
+    c.wait(done=[0, 1])
+    assert c.done[0].error is None and c.done[1].error is None
+    assert c.done[1].started >= c.done[0].ended
+    # a chain handed out in one go: each starts after the one before it ended
+    c.submit(c.spec(2, "k1", seconds=0.05), c.spec(3, "k2", after=2), c.spec(4, "k3", after=3))
+    c.wait(done=[2, 3, 4])
+    assert c.done[2].ended <= c.done[3].started and c.done[3].ended <= c.done[4].started
+    assert [r[0] for r in runs(workdir)] == ["a", "b", "k1", "k2", "k3"]
+
+
+def test_followers_come_back_unstarted_when_they_cannot_run(one_worker, workdir):
+    d, c, worker = one_worker
+    c.submit(c.spec(0, "a"))
+    c.wait(done=[0])
+    c.submit(c.spec(1, "late", after=0))                # a has ended: the dispatcher hands it back
+    c.submit(c.spec(2, "orphan", after=99))             # no such task in flight
+    c.submit(c.spec(3, "bad", fail=True), c.spec(4, "after-bad", after=3), c.spec(5, "after-that", after=4))
+    c.wait(done=[3], returned=[1, 2, 4, 5])
+    assert "ended" in c.returned[1].reason and "ended" in c.returned[2].reason
+    assert c.done[3].error["type"] == "ValueError"
+    assert "did not succeed" in c.returned[4].reason and "did not succeed" in c.returned[5].reason
+    # cancelling the predecessor while it runs gives its follower back
+    c.submit(c.spec(6, "held", func=hold), c.spec(7, "after-held", after=6))
+    wait_for(lambda: (workdir / "held.first").exists(), 20, "the held task to start")
+    c.local.send(P.CancelTasks((6,), "test cancels it"))
+    c.wait(returned=[7])
+    assert "cancelled" in c.returned[7].reason
+    assert [r[0] for r in runs(workdir)] == ["a", "bad"]      # nothing handed back ever ran
+    assert not d.jobs                                          # and the dispatcher forgot them all
