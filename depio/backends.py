@@ -30,6 +30,10 @@ log = logging.getLogger("depio.backends")
 class Backend(ABC):
     """What the scheduler and the pipeline expect of a backend."""
 
+    # Whether `submit` takes followers (`TaskSpec.after`): tasks that must start only once their
+    # predecessor succeeded, where it ran. Backends that cannot hold a task back get none.
+    runs_followers = False
+
     def bind(self, scheduler, graph) -> None:
         self.scheduler = scheduler
         self.graph = graph
@@ -60,6 +64,8 @@ class Backend(ABC):
 
 class DispatcherBackend(Backend):
     """Starts an in-process dispatcher and local workers on first use, or joins a pool's dispatcher."""
+
+    runs_followers = True      # its dispatcher and workers hold a follower until its predecessor succeeds
 
     def __init__(self, launcher=None, address: Optional[str] = None, key: Optional[bytes] = None,
                  bind: str = "tcp://127.0.0.1:*", heartbeat: float = 1.0, liveness: int = 3, name: str = "pipeline",

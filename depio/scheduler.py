@@ -8,6 +8,14 @@ state change is one named transition method, in the spirit of Dask's scheduler:
     any non-terminal --cancel--> CANCELED
 
 Releasing dependents costs O(out-degree): each task counts its unfinished dependencies.
+
+Followers: with a backend that runs them (`Backend.runs_followers`), a task in flight takes along
+the first dependent that waits for it alone and would run: it goes to the same worker and starts
+there the moment its predecessor succeeds, without a round trip through this actor. Up to
+FOLLOW_AHEAD of them chain behind each other. Its build-mode decision is taken when it is handed
+out, as if its predecessor had run (which it must, for the follower to start); so a product that
+appears while the predecessor runs does not make it skip. A follower handed back unstarted
+(`TaskReturned`) or lost returns to WAITING, and to ready once nothing it needs is unfinished.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional
+from typing import Deque, Dict, List, Optional, Tuple
 
 import pykka
 
@@ -28,6 +36,8 @@ from .inbox import DispatchingInbox
 from .TaskStatus import TaskStatus, TERMINAL_STATES
 
 log = logging.getLogger("depio.scheduler")
+
+FOLLOW_AHEAD = 32     # followers handed out behind a task in flight, along a chain; refilled at half
 
 WAITING, PENDING, RUNNING = TaskStatus.WAITING, TaskStatus.PENDING, TaskStatus.RUNNING
 FINISHED, SKIPPED, FAILED = TaskStatus.FINISHED, TaskStatus.SKIPPED, TaskStatus.FAILED
@@ -94,6 +104,10 @@ class SchedulerActor(pykka.ThreadingActor):
         self.cancelled: Optional[str] = None
         self.sent_functions: set = set()
         self.warmed_up = False
+        self.follows = getattr(backend, "runs_followers", False)
+        self.after: List[int] = [-1] * n           # j -> the task it was handed out to follow (-1: none)
+        self.follower: Dict[int, int] = {}         # i -> the task handed out to follow it
+        self.to_extend: List[Tuple[int, int]] = []   # (chain tail, followers to add) for _submit_ready
 
     # ------------------------------------------------------------ message entry
     def on_receive(self, msg):
@@ -104,6 +118,8 @@ class SchedulerActor(pykka.ThreadingActor):
                 self.t_result(result)
             for lost in msg.lost:
                 self.t_lost(lost)
+            for returned in msg.returned:
+                self.t_returned(returned)
         elif isinstance(msg, Start):
             self.t_begin()
         elif isinstance(msg, Cancel):
@@ -162,37 +178,92 @@ class SchedulerActor(pykka.ThreadingActor):
                     self.backend.warm_up()
 
     def _submit_ready(self) -> None:
-        if self.paused or self.cancelled or not self.ready:
-            return
-        cap = len(self.ready)
-        if self.limits.max_in_flight is not None:
-            cap = min(cap, self.limits.max_in_flight - self.in_flight)
-        if self.limits.max_pending is not None:
-            cap = min(cap, self.limits.max_pending - self.pending)
-        if cap <= 0:
+        if self.paused or self.cancelled or not (self.ready or self.to_extend):
             return
         specs, functions = [], {}
         breathe = self.actor_inbox.breathe
-        for k in range(cap):
+        room = self._room
+        k = 0
+        while self.ready and room():
             if not k & 63:
                 breathe()
+            k += 1
             i = self.ready.popleft()
             specs.append(self._spec(i, functions))
             self._set(i, PENDING)
-        self.in_flight += len(specs)
-        self.pending += len(specs)
-        self.backend.submit(specs, functions)
+            self.in_flight += 1
+            self.pending += 1
+            if self.follows:
+                self._follow(i, FOLLOW_AHEAD, specs, functions)
+        extend, self.to_extend = self.to_extend, []
+        for tail, budget in extend:
+            self._follow(tail, budget, specs, functions)
+        if specs:
+            self.backend.submit(specs, functions)
 
-    def _spec(self, i: int, functions: Dict[bytes, bytes]) -> P.TaskSpec:
+    def _room(self) -> bool:
+        """Whether the limits let one more task go to the backend."""
+        lim = self.limits
+        return ((lim.max_in_flight is None or self.in_flight < lim.max_in_flight) and
+                (lim.max_pending is None or self.pending < lim.max_pending))
+
+    def _spec(self, i: int, functions: Dict[bytes, bytes], after: Optional[int] = None) -> P.TaskSpec:
         g, t = self.g, self.tasks[i]
         self.attempt[i] += 1
-        t.attempts = self.attempt[i]
+        t.attempts += 1
         d = g.func_digest[i]
         if d not in self.sent_functions:
             self.sent_functions.add(d)
             functions[d] = g.functions[d]
         return P.TaskSpec(i, self.attempt[i], t.label, d, g.payloads[i], tuple(map(str, t.products)),
-                          tuple(map(str, t.path_dependencies or ())), t.timeout)
+                          tuple(map(str, t.path_dependencies or ())), t.timeout, after)
+
+    # ------------------------------------------------------------ followers
+    def _follow(self, i: int, budget: int, specs: List[P.TaskSpec], functions: Dict[bytes, bytes]) -> None:
+        """Hand out up to `budget` followers in a chain behind task `i` (in flight), within the limits."""
+        while budget > 0 and self._room():
+            j = self._next_follower(i)
+            if j is None:
+                return
+            specs.append(self._spec(j, functions, after=i))
+            self._set(j, PENDING)
+            self.in_flight += 1
+            self.pending += 1
+            self.after[j] = i
+            self.follower[i] = j
+            i = j
+            budget -= 1
+
+    def _next_follower(self, i: int) -> Optional[int]:
+        """The first dependent of `i` that waits for `i` alone and would run once `i` has run."""
+        status, unmet = self.status, self.unmet
+        for j in self.g.dependents[i]:
+            if status[j] is WAITING and unmet[j] == 1:
+                t = self.tasks[j]
+                try:
+                    reason = t.run_reason(True)
+                except Exception:
+                    continue             # decided (and reported) the usual way once `i` is done
+                if reason is not None:
+                    t.reason = reason
+                    return j
+        return None
+
+    def _chain_ran(self, i: int) -> None:
+        """Task `i` succeeded: its follower is now a task like any other. If fewer than half of
+        FOLLOW_AHEAD followers are left behind it, hand out more at the end of the chain."""
+        j = self.follower.pop(i, None)
+        if j is None or self.after[j] != i:
+            return
+        self.after[j] = -1
+        depth, tail = 0, j
+        while True:
+            k = self.follower.get(tail)
+            if k is None or self.after[k] != tail or self.status[k] is not PENDING:
+                break
+            tail, depth = k, depth + 1
+        if depth < FOLLOW_AHEAD // 2:
+            self.to_extend.append((tail, FOLLOW_AHEAD - depth))
 
     def t_start(self, key: int, attempt: int, when: float, worker: str) -> None:
         if self.attempt[key] != attempt or self.status[key] is not PENDING:
@@ -221,7 +292,10 @@ class SchedulerActor(pykka.ThreadingActor):
             self.ran[i] = True
             self._terminal(i, FINISHED)
             self._release_dependents(i)
+            if self.follower:
+                self._chain_ran(i)
             return
+        self.follower.pop(i, None)
         self.failures[i] += 1
         if r.error.get("kind") != "DependencyNotMetException" and self.failures[i] <= t.retries:
             log.info("task %s failed (%s), retry %d of %d", t.label, r.error.get("summary"), self.failures[i],
@@ -267,9 +341,23 @@ class SchedulerActor(pykka.ThreadingActor):
         self._terminal(i, FAILED, reason)
         self._depfail_downstream(i)
 
+    def t_returned(self, r: P.TaskReturned) -> None:
+        """A follower came back unstarted (see the module docstring): not a failure of the task."""
+        i = r.key
+        if self.attempt[i] != r.attempt or self.status[i] is not PENDING:
+            return
+        log.debug("follower %s handed back: %s", self.tasks[i].label, r.reason)
+        self.pending -= 1
+        self.in_flight -= 1
+        self.tasks[i].attempts -= 1      # it never ran
+        self._retry(i)
+
     def _retry(self, i: int) -> None:
+        """Again: at once, or (a follower whose predecessor has not succeeded) once released."""
+        self.after[i] = -1
         self._set(i, WAITING)
-        self.ready.appendleft(i)
+        if self.unmet[i] == 0:
+            self.ready.appendleft(i)
 
     def _release_dependents(self, i: int) -> None:
         released = []
@@ -285,8 +373,13 @@ class SchedulerActor(pykka.ThreadingActor):
         work = deque(self.g.dependents[i])
         while work:
             j = work.popleft()
-            if self.status[j] in TERMINAL_STATES:
+            s = self.status[j]
+            if s in TERMINAL_STATES:
                 continue
+            if s is PENDING or s is RUNNING:     # a follower, handed out: its worker gives it back
+                self.in_flight -= 1
+                if s is PENDING:
+                    self.pending -= 1
             self._terminal(j, DEPFAILED, f"dependency {failed} failed")
             work.extend(self.g.dependents[j])
 

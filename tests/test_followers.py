@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -16,6 +18,10 @@ import cloudpickle
 import pytest
 
 from depio import protocol as P
+from depio.Executors import ParallelExecutor
+from depio.Pipeline import Pipeline
+from depio.Task import Task
+from depio.TaskStatus import TaskStatus
 from depio.dispatcher import Dispatcher
 
 from conftest import ROOT
@@ -173,3 +179,116 @@ def test_followers_come_back_unstarted_when_they_cannot_run(one_worker, workdir)
     assert "cancelled" in c.returned[7].reason
     assert [r[0] for r in runs(workdir)] == ["a", "bad"]      # nothing handed back ever ran
     assert not d.jobs                                          # and the dispatcher forgot them all
+
+
+# ---------------------------------------------------------------- through a pipeline
+
+def chain_pipeline(workdir: Path, names: List[str]) -> Pipeline:
+    p = Pipeline(ParallelExecutor(workers=2), quiet=True)
+    prev = None
+    for name in names:
+        prev = p.add_task(Task(name, step, [str(workdir), name], depends_on=[prev] if prev else None))
+    return p
+
+
+def test_a_chain_runs_in_order_on_one_worker_each_task_once(workdir):
+    names = [f"t{i}" for i in range(40)]
+    p = chain_pipeline(workdir, names)
+    assert p.run() == 0
+    done = runs(workdir)
+    assert [r[0] for r in done] == names
+    assert all(prev[3] <= nxt[2] for prev, nxt in zip(done, done[1:]))
+    assert len({r[1] for r in done}) == 1, "a chain hops between workers"
+    assert all(t._status is TaskStatus.FINISHED and t.attempts == 1 for t in p.tasks)
+
+
+def test_a_retried_link_reruns_alone_and_the_rest_of_the_chain_once(workdir):
+    p = Pipeline(ParallelExecutor(workers=2), quiet=True)
+    a = p.add_task(Task("a", step, [str(workdir), "a"]))
+    b = p.add_task(Task("b", fail_once, [str(workdir), "b"], depends_on=[a], retries=1))
+    c = p.add_task(Task("c", step, [str(workdir), "c"], depends_on=[b]))
+    e = p.add_task(Task("e", step, [str(workdir), "e"], depends_on=[c]))
+    assert p.run() == 0
+    assert [r[0] for r in runs(workdir)] == ["a", "b", "b", "c", "e"]
+    assert (a.attempts, b.attempts, c.attempts, e.attempts) == (1, 2, 1, 1)
+    assert all(t._status is TaskStatus.FINISHED for t in p.tasks)
+
+
+def test_a_failed_link_stops_the_chain_and_nothing_behind_it_runs(workdir):
+    p = Pipeline(ParallelExecutor(workers=2), quiet=True)
+    a = p.add_task(Task("a", step, [str(workdir), "a"], {"fail": True}))
+    rest = [a]
+    for name in ("b", "c", "d"):
+        rest.append(p.add_task(Task(name, step, [str(workdir), name], depends_on=[rest[-1]])))
+    t0 = time.monotonic()
+    assert p.run() == 1
+    assert time.monotonic() - t0 < 30
+    assert [r[0] for r in runs(workdir)] == ["a"]
+    assert a._status is TaskStatus.FAILED
+    assert all(t._status is TaskStatus.DEPFAILED and "a (#1)" in t.reason for t in rest[1:])
+
+
+def test_a_predecessor_past_its_timeout_fails_and_its_follower_never_runs(workdir):
+    p = Pipeline(ParallelExecutor(workers=1), quiet=True)
+    a = p.add_task(Task("a", step, [str(workdir), "a", 30.0], timeout=1.0))
+    b = p.add_task(Task("b", step, [str(workdir), "b"], depends_on=[a]))
+    assert p.run() == 1
+    assert a._status is TaskStatus.FAILED and "timed out" in a.reason
+    assert b._status is TaskStatus.DEPFAILED and runs(workdir) == []
+
+
+def test_kill9_of_the_worker_holding_a_chain_runs_the_chain_elsewhere_once(workdir):
+    """The head of a chain runs, three followers wait on its worker. kill -9 that worker: the head
+    goes again elsewhere (one loss is allowed), and each follower runs once, after it."""
+    p = Pipeline(ParallelExecutor(workers=2, heartbeat=0.3, liveness=4), quiet=True)
+    head = p.add_task(Task("head", hold, [str(workdir), "head"]))
+    prev, followers = head, []
+    for name in ("f1", "f2", "f3"):
+        prev = p.add_task(Task(name, step, [str(workdir), name], depends_on=[prev]))
+        followers.append(prev)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(p.run()), daemon=True)
+    t.start()
+    victim, slot = map(int, wait_for(lambda: (workdir / "head.first").exists() and
+                                     (workdir / "head.first").read_text().split(), 30, "the head to start"))
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(slot), 20, "the killed worker's slot to end with it")
+    (workdir / "release").touch()         # now only the head's second attempt can be let through
+    t.join(60)
+    assert not t.is_alive() and result == [0]
+    done = runs(workdir)
+    assert [r[0] for r in done] == ["head", "f1", "f2", "f3"]
+    assert all(r[1] != victim for r in done)
+    assert head.attempts == 2 and all(f._status is TaskStatus.FINISHED for f in followers)
+
+
+def test_a_chain_on_a_pool_runs_on_one_worker(workdir, tmp_path):
+    from test_pool import Pool, env_for
+    home = tmp_path / "home"
+    home.mkdir()
+    pool = Pool(home, "chain", local=2)
+    try:
+        pool.wait_workers(2)
+        script = workdir / "chain.py"
+        script.write_text(f"""
+import os, sys, time
+from pathlib import Path
+from depio import Pipeline, Task
+from depio.pool import PoolExecutor
+def step(d, name):
+    with open(Path(d, "runs.log"), "a") as f:
+        f.write(f"{{name}} {{os.getppid()}} {{time.time():.6f}} {{time.time():.6f}}\\n")
+p = Pipeline(PoolExecutor("chain"), quiet=True)
+prev = None
+for i in range(30):
+    prev = p.add_task(Task(f"t{{i}}", step, [{str(workdir)!r}, f"t{{i}}"], depends_on=[prev] if prev else None))
+sys.exit(p.run())
+""")
+        r = subprocess.run([sys.executable, str(script)], cwd=workdir, env=env_for(home), capture_output=True,
+                           text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stdout + r.stderr
+        done = runs(workdir)
+        assert [x[0] for x in done] == [f"t{i}" for i in range(30)]
+        assert len({x[1] for x in done}) == 1, "a chain hops between the pool's workers"
+    finally:
+        pool.stop()

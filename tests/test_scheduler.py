@@ -234,3 +234,181 @@ def test_a_task_lost_before_it_started_does_not_use_the_loss_budget(cleanup):
     assert b._status is S.FAILED and b.reason == "worker w1 lost"
     assert a._status is S.FAILED and "pid 9" in a.reason and "3 times before it was seen to start" in a.reason
     assert a.error["kind"] == "WorkerLost"
+
+
+# ---------------------------------------------------------------- followers
+
+class FollowingBackend(RecordingBackend):
+    """A backend that takes followers (as the ZeroMQ dispatcher does)."""
+    runs_followers = True
+
+
+def make_following(ptasks, limits=None):
+    p = Pipeline(None, False, quiet=True)
+    for t in ptasks:
+        p.add_task(t)
+    g = p._solve_order()
+    pickle_payloads(g)
+    backend = FollowingBackend()
+    done = threading.Event()
+    actor = SchedulerActor.start(g, backend, done, limits or Limits())
+    return p, g, backend, done, actor
+
+
+def returned(spec, reason="its predecessor did not succeed"):
+    return P.ClientReport(returned=(P.TaskReturned(spec.key, spec.attempt, reason),))
+
+
+def chain(n, **kw):
+    tasks, prev = [], None
+    for i in range(n):
+        prev = Task(f"t{i}", noop, [i], depends_on=[prev] if prev is not None else None, **kw)
+        tasks.append(prev)
+    return tasks
+
+
+def counters(actor):
+    proxy = actor.proxy()
+    return proxy.in_flight.get(), proxy.pending.get()
+
+
+def test_a_chain_goes_out_at_once_as_followers_and_runs_without_new_submits(cleanup):
+    tasks = chain(3)
+    p, g, be, done, actor = make_following(tasks); cleanup(actor)
+    actor.tell(Start())
+    s0, s1, s2 = be.take(3)
+    assert (s0.key, s0.after) == (0, None) and (s1.key, s1.after) == (1, 0) and (s2.key, s2.after) == (2, 1)
+    assert all(t._status is S.PENDING for t in tasks)
+    for s in (s0, s1, s2):
+        actor.tell(ok(s))
+    assert done.wait(5) and be.nothing_more()
+    assert all(t._status is S.FINISHED and t.attempts == 1 for t in tasks)
+    assert counters(actor) == (0, 0)
+
+
+def test_followers_run_ahead_at_most_follow_ahead_and_are_refilled(cleanup):
+    from depio.scheduler import FOLLOW_AHEAD
+    tasks = chain(3 * FOLLOW_AHEAD)
+    p, g, be, done, actor = make_following(tasks); cleanup(actor)
+    actor.tell(Start())
+    out = be.take(1 + FOLLOW_AHEAD)
+    assert be.nothing_more()
+    k = 0
+    while k < len(tasks):
+        actor.tell(ok(out[k]))
+        k += 1
+        if k == len(out) - FOLLOW_AHEAD // 2 + 1 and len(out) < len(tasks):
+            more = min(FOLLOW_AHEAD // 2 + 1, len(tasks) - len(out))
+            out += be.take(more)          # refilled once the chain ahead is half used up
+            assert out[-1].after == out[-2].key
+        while not be.submitted.empty():
+            out.append(be.submitted.get())
+    assert done.wait(5)
+    assert [s.key for s in out] == list(range(len(tasks)))
+    assert all(t._status is S.FINISHED and t.attempts == 1 for t in tasks)
+
+
+def test_only_one_follower_per_task_and_only_one_that_would_run(workdir, cleanup):
+    def mk(out: Annotated[Path, Product], inp: Annotated[Path, Dependency] = None):
+        pass
+    Path("exists").touch()
+    src = Task("src", mk, [Path("src")])
+    fresh = Task("fresh", mk, [Path("exists")], {"inp": Path("src")})                          # up to date
+    never = Task("never", mk, [Path("n")], {"inp": Path("src")}, buildmode=BuildMode.NEVER)
+    other = Task("other", noop, [9])
+    two = Task("two", noop, [2], depends_on=[src, other])                                  # waits for two
+    run1 = Task("run1", mk, [Path("r1")], {"inp": Path("src")})
+    run2 = Task("run2", mk, [Path("r2")], {"inp": Path("src")})
+    p, g, be, done, actor = make_following([src, fresh, never, other, two, run1, run2])
+    cleanup(actor)
+    actor.tell(Start())
+    specs = {s.key: s for s in be.take(3)}
+    assert be.nothing_more()
+    names = {g.tasks[k].name: s for k, s in specs.items()}
+    assert set(names) == {"src", "other", "run1"}, names       # one follower of src: the first that runs
+    assert names["run1"].after == names["src"].key and names["other"].after is None
+    assert run1.reason.startswith("product missing")
+
+
+def test_a_follower_given_back_after_its_predecessor_failed_follows_the_retry(cleanup):
+    a, b = chain(2, retries=1)
+    p, g, be, done, actor = make_following([a, b]); cleanup(actor)
+    actor.tell(Start())
+    sa, sb = be.take(2)
+    err = bad(sa).done
+    actor.tell(P.ClientReport(done=err, returned=(P.TaskReturned(sb.key, sb.attempt, "its predecessor did not "
+                                                                                   "succeed"),)))
+    sa2, sb2 = be.take(2)
+    assert (sa2.key, sa2.attempt, sa2.after) == (0, 2, None)
+    assert (sb2.key, sb2.attempt, sb2.after) == (1, 2, 0)      # again a follower: never released alone
+    actor.tell(ok(sa2))
+    actor.tell(ok(sb2))
+    assert done.wait(5)
+    assert a.attempts == 2 and b.attempts == 1 and b._status is S.FINISHED
+    assert counters(actor) == (0, 0)
+
+
+def test_followers_of_a_failed_task_are_depfailed_and_their_return_changes_nothing(cleanup):
+    tasks = chain(3)
+    p, g, be, done, actor = make_following(tasks); cleanup(actor)
+    actor.tell(Start())
+    s0, s1, s2 = be.take(3)
+    actor.tell(bad(s0))
+    assert done.wait(5)
+    assert [t._status for t in tasks] == [S.FAILED, S.DEPFAILED, S.DEPFAILED]
+    assert counters(actor) == (0, 0)
+    actor.tell(returned(s1))
+    actor.tell(returned(s2))
+    assert counters(actor) == (0, 0) and be.nothing_more()
+
+
+@pytest.mark.parametrize("order", ["predecessor first", "follower first"])
+def test_a_follower_lost_with_its_predecessor_waits_for_it_again(order, cleanup):
+    a, b = chain(2)
+    p, g, be, done, actor = make_following([a, b], Limits(lost_retries=1)); cleanup(actor)
+    actor.tell(Start())
+    sa, sb = be.take(2)
+    losses = [P.TaskLost(sa.key, 1, "worker w lost", started=True), P.TaskLost(sb.key, 1, "worker w lost", started=False)]
+    if order == "follower first":
+        losses.reverse()
+    actor.tell(P.ClientReport(lost=tuple(losses)))
+    sa2, sb2 = be.take(2)
+    assert (sa2.key, sa2.after) == (0, None) and (sb2.key, sb2.after) == (1, 0)
+    assert be.nothing_more()
+    actor.tell(ok(sa2))
+    actor.tell(ok(sb2))
+    assert done.wait(5) and a._status is S.FINISHED and b._status is S.FINISHED
+
+
+def test_a_follower_that_arrived_after_its_predecessor_ended_goes_again_plainly(cleanup):
+    a, b = chain(2)
+    p, g, be, done, actor = make_following([a, b]); cleanup(actor)
+    actor.tell(Start())
+    sa, sb = be.take(2)
+    actor.tell(ok(sa))
+    actor.tell(returned(sb, "its predecessor had ended when it arrived"))
+    (sb2,) = be.take()
+    assert (sb2.key, sb2.attempt, sb2.after) == (1, 2, None)
+    actor.tell(returned(sb))            # a duplicate of the old attempt: ignored
+    actor.tell(ok(sb2))
+    assert done.wait(5) and b._status is S.FINISHED and b.attempts == 1
+    assert counters(actor) == (0, 0)
+
+
+def test_followers_count_against_the_limits(cleanup):
+    tasks = chain(10)
+    p, g, be, done, actor = make_following(tasks, Limits(max_in_flight=2)); cleanup(actor)
+    actor.tell(Start())
+    s0, s1 = be.take(2)
+    assert be.nothing_more() and s1.after == 0
+    actor.tell(ok(s0))
+    (s2,) = be.take()
+    assert s2.after == 1 and be.nothing_more()
+
+
+def test_a_backend_without_followers_gets_none(cleanup):
+    tasks = chain(3)
+    p, g, be, done, actor = make(tasks); cleanup(actor)
+    actor.tell(Start())
+    (s0,) = be.take()
+    assert s0.after is None and be.nothing_more()

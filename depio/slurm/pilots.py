@@ -305,7 +305,9 @@ class SlurmPilotBackend(DispatcherBackend):
                         t._slurmid, t._slurmstate = m.group(1), t._slurmstate or "RUNNING"   # the pilot's state
                 for lost in msg.lost:
                     self._flight.pop((lost.key, lost.attempt), None)
-            if msg.lost or msg.done:
+                for returned in msg.returned:
+                    self._flight.pop((returned.key, returned.attempt), None)
+            if msg.lost or msg.done or msg.returned:
                 self.launcher.poke()
         elif isinstance(msg, P.WorkersChanged):
             self.launcher.workers_changed()
