@@ -344,10 +344,12 @@ class SchedulerActor(pykka.ThreadingActor):
     def t_returned(self, r: P.TaskReturned) -> None:
         """A follower came back unstarted (see the module docstring): not a failure of the task."""
         i = r.key
-        if self.attempt[i] != r.attempt or self.status[i] is not PENDING:
+        s = self.status[i]
+        if self.attempt[i] != r.attempt or (s is not PENDING and s is not RUNNING):
             return
         log.debug("follower %s handed back: %s", self.tasks[i].label, r.reason)
-        self.pending -= 1
+        if s is PENDING:
+            self.pending -= 1
         self.in_flight -= 1
         self.tasks[i].attempts -= 1      # it never ran
         self._retry(i)

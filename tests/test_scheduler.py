@@ -412,3 +412,19 @@ def test_a_backend_without_followers_gets_none(cleanup):
     actor.tell(Start())
     (s0,) = be.take()
     assert s0.after is None and be.nothing_more()
+
+
+def test_a_follower_reported_started_and_then_handed_back_goes_again(cleanup):
+    """Returned means never run, even if a start was reported for it meanwhile."""
+    a, b = chain(2)
+    p, g, be, done, actor = make_following([a, b]); cleanup(actor)
+    actor.tell(Start())
+    sa, sb = be.take(2)
+    actor.tell(ok(sa))
+    actor.tell(P.ClientReport(started=((sb.key, sb.attempt, time.time(), "w"),)))
+    actor.tell(returned(sb))
+    (sb2,) = be.take()
+    assert (sb2.key, sb2.attempt, sb2.after) == (1, 2, None)
+    actor.tell(ok(sb2))
+    assert done.wait(5) and b._status is S.FINISHED
+    assert counters(actor) == (0, 0)
