@@ -29,13 +29,16 @@ from conftest import ROOT
 pytestmark = pytest.mark.timeout(90)
 
 
-def step(d: str, name: str, seconds: float = 0.0, fail: bool = False) -> int:
-    """Log the run (name, worker pid, start, end) in `d`/runs.log; sleep; maybe raise."""
+def step(d: str, name: str, seconds: float = 0.0, fail: bool = False, crash: bool = False) -> int:
+    """Log the run (name, worker pid, start, end) in `d`/runs.log; sleep; maybe raise, or take the slot
+    down the hard way (as a segfault in C code would)."""
     start = time.time()
     if seconds:
         time.sleep(seconds)
     with open(Path(d, "runs.log"), "a") as f:
         f.write(f"{name} {os.getppid()} {start:.6f} {time.time():.6f}\n")
+    if crash:
+        os.kill(os.getpid(), signal.SIGKILL)
     if fail:
         raise ValueError(f"{name} fails on purpose")
     return os.getppid()
@@ -216,6 +219,7 @@ def test_a_retried_link_reruns_alone_and_the_rest_of_the_chain_once(workdir):
 
 def test_a_failed_link_stops_the_chain_and_nothing_behind_it_runs(workdir):
     p = Pipeline(ParallelExecutor(workers=2), quiet=True)
+    p.add_task(Task("keeper", step, [str(workdir), "keeper", 2.0]))    # the run goes on meanwhile
     a = p.add_task(Task("a", step, [str(workdir), "a"], {"fail": True}))
     rest = [a]
     for name in ("b", "c", "d"):
@@ -223,18 +227,51 @@ def test_a_failed_link_stops_the_chain_and_nothing_behind_it_runs(workdir):
     t0 = time.monotonic()
     assert p.run() == 1
     assert time.monotonic() - t0 < 30
-    assert [r[0] for r in runs(workdir)] == ["a"]
+    assert [r[0] for r in runs(workdir)] == ["a", "keeper"]
     assert a._status is TaskStatus.FAILED
-    assert all(t._status is TaskStatus.DEPFAILED and "a (#1)" in t.reason for t in rest[1:])
+    assert all(t._status is TaskStatus.DEPFAILED and "a (#2)" in t.reason for t in rest[1:])
 
 
 def test_a_predecessor_past_its_timeout_fails_and_its_follower_never_runs(workdir):
-    p = Pipeline(ParallelExecutor(workers=1), quiet=True)
+    p = Pipeline(ParallelExecutor(workers=2), quiet=True)
     a = p.add_task(Task("a", step, [str(workdir), "a", 30.0], timeout=1.0))
     b = p.add_task(Task("b", step, [str(workdir), "b"], depends_on=[a]))
+    p.add_task(Task("keeper", step, [str(workdir), "keeper", 3.0]))    # the run goes on meanwhile
     assert p.run() == 1
     assert a._status is TaskStatus.FAILED and "timed out" in a.reason
-    assert b._status is TaskStatus.DEPFAILED and runs(workdir) == []
+    assert b._status is TaskStatus.DEPFAILED and [r[0] for r in runs(workdir)] == ["keeper"]
+
+
+def other_step(d: str, name: str) -> int:
+    return step(d, name)
+
+
+def test_a_predecessor_that_kills_its_process_stops_its_followers(workdir):
+    """The followers wait in the slot itself: the crash must hand them back, not run them in the new
+    slot. A slow independent task keeps the run going long enough to see it if they ran."""
+    p = Pipeline(ParallelExecutor(workers=2), quiet=True)
+    a = p.add_task(Task("a", step, [str(workdir), "a"], {"crash": True}))
+    b = p.add_task(Task("b", step, [str(workdir), "b"], depends_on=[a]))
+    c = p.add_task(Task("c", step, [str(workdir), "c"], depends_on=[b]))
+    p.add_task(Task("keeper", step, [str(workdir), "keeper", 2.0]))
+    assert p.run() == 1
+    assert a._status is TaskStatus.FAILED and "ended abruptly" in a.reason, a.reason
+    assert b._status is TaskStatus.DEPFAILED and c._status is TaskStatus.DEPFAILED
+    assert sorted(r[0] for r in runs(workdir)) == ["a", "keeper"]
+
+
+def test_a_chain_of_different_functions_runs_in_order(workdir):
+    """A follower whose function the slot has not seen yet waits for its predecessor's success in the
+    worker instead of going into the slot early; the order holds either way."""
+    p = Pipeline(ParallelExecutor(workers=2), quiet=True)
+    prev, names = None, [f"t{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        f = step if i % 3 else other_step
+        prev = p.add_task(Task(name, f, [str(workdir), name], depends_on=[prev] if prev else None))
+    assert p.run() == 0
+    done = runs(workdir)
+    assert [r[0] for r in done] == names
+    assert all(a[3] <= b[2] for a, b in zip(done, done[1:]))
 
 
 def test_kill9_of_the_worker_holding_a_chain_runs_the_chain_elsewhere_once(workdir):

@@ -7,9 +7,10 @@ tasks as it wants to hold (slots, plus a prefetch that grows for short tasks and
 for long ones), so short tasks stream and long ones are not hoarded.
 
 A follower (`RunTasks.after`) is a task whose one unfinished dependency runs on this worker: it is
-held here and goes to a slot the moment that job succeeds, without a round trip to its pipeline.
-If the job fails, is cancelled or is unknown here, the follower is handed back unstarted
-(`WorkerReport.returned`) and its pipeline decides again.
+held here and, once that job is the last one handed to a slot, handed to the same slot as a
+conditional task, which the slot runs right after it if it succeeded (so a chain goes from link to
+link inside the slot). If the job fails, is cancelled or is unknown here, the follower is handed
+back unstarted (`WorkerReport.returned`) and its pipeline decides again.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ DEFAULT_LIVENESS = 3
 DEFAULT_KILL_GRACE = 2.0    # seconds between SIGTERM and SIGKILL for a cancelled task
 START_REPORT_DELAY = 0.01   # a start rides with its task's result if that comes this soon (seconds)
 OUTCOMES_KEPT = 65536       # how many ended jobs a late follower can still find (job id -> succeeded)
+CHAIN_IN_SLOT = 16          # conditional followers a slot holds at most, behind the task they follow
 # plain ints: pyzmq's flag enums cost a Python-level call on every `&` and `|` of the event loop
 _POLLIN, _POLLOUT, _POLLERR, _EVENTS = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR), int(zmq.EVENTS)
 
@@ -121,13 +123,33 @@ class Worker:
     def _spawn_slot(self, index: int) -> Slot:
         return Slot(self.slot_ctx, index, self.name)
 
-    def _replace_slot(self, slot: Slot, graceful: bool = False) -> None:
+    def _replace_slot(self, slot: Slot, graceful: bool = False, cancelled: frozenset = frozenset(),
+                      why: str = "its predecessor did not succeed") -> None:
         """A slot must go (its task timed out, was cancelled, or it died): put its not-yet-started tasks
         back and start a fresh slot at once. `graceful`: SIGTERM now, SIGKILL after the grace period
-        (in `_reap_dying`, so the loop and its heartbeats never wait); otherwise SIGKILL now."""
-        for jid, spec in reversed(list(slot.assigned)[1:]):
-            self.queue.appendleft((jid, spec))
+        (in `_reap_dying`, so the loop and its heartbeats never wait); otherwise SIGKILL now.
+
+        The running task does not succeed, so a conditional follower right behind it (or behind one
+        that will not run here: cancelled) goes back to its pipeline; one behind a task that goes back
+        to the queue is held for that task again."""
+        requeue = []
+        prev_jid, prev_fails = (slot.assigned[0][0] if slot.assigned else 0), True
+        for item in list(slot.assigned)[1:]:
+            jid = item[0]
+            if jid in cancelled or jid in slot.ignored:
+                prev_jid, prev_fails = jid, True
+            elif jid in slot.conditional:
+                if prev_fails:
+                    self._give_back(jid, why)
+                else:
+                    self.held.setdefault(prev_jid, []).append(item)
+                prev_jid = jid
+            else:
+                requeue.append(item)
+                prev_jid, prev_fails = jid, False
+        self.queue.extendleft(reversed(requeue))
         slot.assigned.clear()
+        slot.conditional.clear()
         if graceful:
             slot.signal(signal.SIGTERM)
             self.dying.append((slot, time.monotonic() + self.kill_grace))
@@ -150,9 +172,44 @@ class Worker:
 
     def _fill_slots(self) -> None:
         """Hand queued tasks to slots in batches: one task at a time for long tasks, up to 16 ahead
-        for short ones. A slot that is busy gets no new function (a big pickle must not wait on it)."""
-        if not self.queue:
-            return
+        for short ones. A slot that is busy gets no new function (a big pickle must not wait on it).
+        Then each slot takes the followers held for its last task."""
+        if self.queue:
+            self._fill_from_queue()
+        if self.held:
+            for slot in list(self.slots):
+                self._chain_into(slot)
+
+    def _chain_into(self, slot: Slot) -> None:
+        """Hand the slot the follower held for its last task, as a conditional task, and so on along
+        the chain (at most CHAIN_IN_SLOT): each then starts in the slot right after its predecessor."""
+        held = self.held
+        while slot.assigned and len(slot.conditional) < CHAIN_IN_SLOT and not slot.closed:
+            tail = slot.assigned[-1][0]
+            followers = held.get(tail)
+            if not followers or tail in slot.ignored:
+                return
+            jid, spec = followers[0]
+            if spec.func_digest not in slot.functions or not self._may_chain(spec):
+                return      # it waits for its predecessor's success, then goes the usual way
+            del followers[0]
+            if not followers:
+                del held[tail]
+            try:
+                slot.give([(jid, spec)], self.functions, conditional=True)
+            except OSError:
+                self._slot_died(slot)
+                return
+            if slot.outbuf:
+                self.slots_changed = True
+
+    def _may_chain(self, spec: TaskSpec) -> bool:
+        """Whether a follower may go into a slot ahead of its predecessor's end (a Slurm pilot near its
+        walltime says no to one it could not finish)."""
+        return True
+
+    def _fill_from_queue(self) -> None:
+        """Queued tasks to the least loaded slots, as deep as the tasks are short."""
         d = self.avg_duration
         depth = 1 if d > 0.01 else 4 if d > 0.001 else 16
         for slot in sorted(self.slots, key=lambda s: len(s.assigned)):
@@ -265,12 +322,11 @@ class Worker:
             if not slot.assigned:
                 continue
             if slot.assigned[0][0] in jids:     # running: kill the slot, keep the rest queued
-                head = slot.assigned.popleft()
-                rest = [item for item in slot.assigned if item[0] not in jids]
-                slot.assigned.clear()
-                slot.assigned.extend([head] + rest)
-                self._replace_slot(slot, graceful=True)
-            else:                               # queued inside the slot: run, but do not report
+                self._replace_slot(slot, graceful=True, cancelled=frozenset(jids),
+                                   why="its predecessor was cancelled")
+            else:
+                # queued inside the slot: run, but do not report. A conditional follower behind such
+                # a task still runs only if it succeeds, as if it had not been cancelled.
                 slot.ignored.update(j for j, _ in slot.assigned if j in jids)
 
     def _drop_all_tasks(self) -> None:
@@ -301,18 +357,30 @@ class Worker:
             if not slot.assigned or slot.assigned[0][0] != jid:
                 continue
             slot.assigned.popleft()
+            if slot.conditional:
+                slot.conditional.discard(jid)
+            if result is None:            # a conditional task whose predecessor did not succeed
+                slot.last_ok = False
+                if jid in slot.ignored:
+                    slot.ignored.discard(jid)
+                else:
+                    self._give_back(jid, "its predecessor did not succeed")
+                continue
+            slot.last_ok = ok = result.error is None
             if jid in slot.ignored:
                 slot.ignored.discard(jid)
             else:
                 self.done.append((jid, result))
-                self._ended(jid, result.error is None)
+                self._ended(jid, ok)
             self.samples += 1
             alpha = max(0.2, 1.0 / self.samples)      # the first results count fully: adapt at once
             self.avg_duration += alpha * ((result.ended - result.started) - self.avg_duration)
         now = time.time()
         slot.head_started = now
         if slot.assigned:
-            self._note_start(slot.assigned[0][0], now)
+            head = slot.assigned[0][0]
+            if slot.last_ok or head not in slot.conditional:    # not one the slot is about to skip
+                self._note_start(head, now)
 
     def _on_slot_writable(self, slot: Slot) -> None:
         try:
@@ -335,7 +403,7 @@ class Worker:
                                                "traceback": "", "summary": msg}, None, self.name)))
             self._ended(jid, False)
         log.warning("slot %d died (%s)", slot.index, how)
-        self._replace_slot(slot)
+        self._replace_slot(slot, why=f"its predecessor's process ended abruptly ({how})")
 
     def _check_timeouts(self) -> None:
         now = time.time()
@@ -349,7 +417,7 @@ class Worker:
                                                    "message": f"Task {spec.name}: {msg}", "traceback": "",
                                                    "summary": msg}, None, self.name)))
                 self._ended(jid, False)
-                self._replace_slot(slot)
+                self._replace_slot(slot, why="its predecessor timed out")
 
     # ------------------------------------------------------------ outgoing
     def _note_start(self, jid: int, when: float) -> None:

@@ -4,6 +4,11 @@ A worker runs each task in a child process (a slot) so that a task that holds th
 code, crashes the interpreter or has to be killed on timeout cannot stop the worker's heartbeats
 or take the worker down. A slot runs the batches of tasks it is handed one after another and sends
 their `TaskResult`s back in batches over a socketpair.
+
+A task handed over as *conditional* (the next link of a chain) runs only if the task the slot
+handled just before it succeeded; otherwise it is skipped and reported as `None`, and the worker
+hands it back to its pipeline. A chain then goes from link to link inside the slot, without
+waiting for the worker.
 """
 from __future__ import annotations
 
@@ -70,6 +75,7 @@ def _slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
     capture = FdCapture()
     functions: Dict[bytes, object] = {}
     blobs: Dict[bytes, bytes] = {}
+    previous_ok = False        # did the task this slot handled last succeed? (for conditional ones)
     while True:
         head = reader.read(4)
         if len(head) < 4:
@@ -83,8 +89,13 @@ def _slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
             done: List[Tuple[int, TaskResult]] = []
             since = time.monotonic()
             batch = msg[1]
-            for k, (jid, spec) in enumerate(batch):
-                done.append((jid, as_tuple(_run(TaskSpec(*spec), functions, blobs, capture, worker_name))))
+            for k, (jid, spec, conditional) in enumerate(batch):
+                if conditional and not previous_ok:
+                    done.append((jid, None))          # its predecessor did not succeed: not run
+                else:
+                    result = _run(TaskSpec(*spec), functions, blobs, capture, worker_name)
+                    previous_ok = result.error is None
+                    done.append((jid, as_tuple(result)))
                 if k == len(batch) - 1 or time.monotonic() - since >= FLUSH_AFTER:
                     sock.sendall(_frame(("done", done)))
                     done, since = [], time.monotonic()
@@ -149,6 +160,8 @@ class Slot:
         self.head_started: float = 0.0
         self.functions: set = set()
         self.ignored: set = set()      # cancelled jobs still queued in the slot
+        self.conditional: set = set()  # jobs that run only if the one before them succeeds
+        self.last_ok = False           # whether the last result received succeeded
         self.closed = False
 
     def fileno(self) -> int:
@@ -167,8 +180,10 @@ class Slot:
                 return
             del self.outbuf[:n]
 
-    def give(self, tasks: List[Tuple[int, TaskSpec]], functions: Dict[bytes, bytes]) -> None:
-        """Hand a batch to the slot, preceded by any function it has not seen."""
+    def give(self, tasks: List[Tuple[int, TaskSpec]], functions: Dict[bytes, bytes],
+             conditional: bool = False) -> None:
+        """Hand a batch to the slot, preceded by any function it has not seen. `conditional`: each task
+        runs only if the one before it succeeded (see the module docstring)."""
         for _, spec in tasks:
             if spec.func_digest not in self.functions:
                 self._send(("fn", spec.func_digest, functions.get(spec.func_digest)))
@@ -176,11 +191,14 @@ class Slot:
         if not self.assigned:
             self.head_started = time.time()
         self.assigned.extend(tasks)
-        self._send(("run", [(jid, as_tuple(spec)) for jid, spec in tasks]))
+        if conditional:
+            self.conditional.update(jid for jid, _ in tasks)
+        self._send(("run", [(jid, as_tuple(spec), conditional) for jid, spec in tasks]))
 
-    def receive(self) -> List[Tuple[int, TaskResult]]:
-        """Everything the slot has sent so far. Raises EOFError when the slot is gone."""
-        results: List[Tuple[int, TaskResult]] = []
+    def receive(self) -> List[Tuple[int, Optional[TaskResult]]]:
+        """Everything the slot has sent so far (None: a conditional task it skipped). Raises EOFError
+        when the slot is gone."""
+        results: List[Tuple[int, Optional[TaskResult]]] = []
         view = self.readbuf
         while True:
             try:
@@ -196,7 +214,8 @@ class Slot:
             size = int.from_bytes(buf[pos:pos + 4], "little")
             if len(buf) - pos - 4 < size:
                 break
-            results.extend([(jid, TaskResult(*r)) for jid, r in pickle.loads(buf[pos + 4:pos + 4 + size])[1]])
+            results.extend([(jid, r if r is None else TaskResult(*r))
+                            for jid, r in pickle.loads(buf[pos + 4:pos + 4 + size])[1]])
             pos += 4 + size
         del buf[:pos]
         return results

@@ -70,6 +70,11 @@ def _make_job_worker_class():
                 self.queue = keep
             super()._fill_slots()
 
+        def _may_chain(self, spec) -> bool:
+            # a follower goes into a slot early only if the pilot could finish it, as `_fill_slots` checks
+            left = self.time_left() - self.margin
+            return self.draining is None and (spec.timeout is None or spec.timeout <= left)
+
         def _housekeeping(self) -> None:
             super()._housekeeping()
             if self.stopping is not None:
