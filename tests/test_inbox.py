@@ -132,26 +132,34 @@ def test_what_the_last_turn_delivers_reaches_the_actor():
     assert got == ["WorkersChanged", "Shutdown"] and not t.is_alive()
 
 
-@pytest.mark.timeout(90)
-def test_heartbeats_go_on_while_the_scheduler_blocks_in_one_call(workdir, monkeypatch):
-    """One decision blocks for 2 s (a file system that hangs in a stat, simulated): the scheduler
-    cannot breathe inside it, so the keep-alive thread sends the heartbeats. Without it the workers
-    (liveness window 0.6 s) would give the run up."""
+def _hang_deciding(monkeypatch, name: str, seconds: float = 2.0) -> None:
+    """Deciding whether task `name` runs blocks (a file system that hangs in a stat, simulated)."""
     original = Task.run_reason
 
     def hanging_run_reason(self, upstream_ran=None):
-        if self.name == "late":
-            time.sleep(2.0)
+        if self.name == name:
+            time.sleep(seconds)
         return original(self, upstream_ran)
 
     monkeypatch.setattr(Task, "run_reason", hanging_run_reason)
+
+
+@pytest.mark.timeout(90)
+def test_heartbeats_go_on_while_the_scheduler_blocks_in_one_call(workdir, monkeypatch):
+    """One decision blocks for 2 s while the workers are registered and busy: the scheduler cannot
+    breathe inside it, so the keep-alive thread keeps the heartbeats going. Without it the workers
+    (liveness window 0.6 s) would give the run up. (`late` waits for two tasks, so it is decided
+    after both ended, not handed out early as a follower.)"""
+    _hang_deciding(monkeypatch, "late")
     p = Pipeline(ParallelExecutor(workers=2, heartbeat=0.2, liveness=3), quiet=True)
     first = p.add_task(Task("first", _write, [Path("first.txt")], produces=[Path("first.txt")]))
-    late = p.add_task(Task("late", _write, [Path("late.txt")], produces=[Path("late.txt")], depends_on=[first]))
+    second = p.add_task(Task("second", _write, [Path("second.txt")], produces=[Path("second.txt")]))
+    late = p.add_task(Task("late", _write, [Path("late.txt")], produces=[Path("late.txt")],
+                           depends_on=[first, second]))
     t0 = time.monotonic()
     assert p.run() == 0
     assert time.monotonic() - t0 >= 2.0
-    for t in (first, late):
+    for t in (first, second, late):
         assert t._status is TaskStatus.FINISHED and t.attempts == 1, (t.name, t._status, t.reason)
 
 
@@ -160,14 +168,7 @@ def test_workers_that_register_while_the_scheduler_blocks_are_welcomed(workdir, 
     """The first runnable task starts the workers; deciding about the next one then blocks for 2 s.
     The workers register meanwhile: the keep-alive thread's turns must welcome them (heartbeats alone
     go only to workers the dispatcher knows), or they give up after their 0.6 s liveness window."""
-    original = Task.run_reason
-
-    def hanging_run_reason(self, upstream_ran=None):
-        if self.name == "slow":
-            time.sleep(2.0)
-        return original(self, upstream_ran)
-
-    monkeypatch.setattr(Task, "run_reason", hanging_run_reason)
+    _hang_deciding(monkeypatch, "slow")
     p = Pipeline(ParallelExecutor(workers=2, heartbeat=0.2, liveness=3), quiet=True)
     first = p.add_task(Task("first", _write, [Path("first.txt")], produces=[Path("first.txt")]))
     slow = p.add_task(Task("slow", _write, [Path("slow.txt")], produces=[Path("slow.txt")]))

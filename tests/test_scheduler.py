@@ -45,13 +45,13 @@ def noop(x=0):
     pass
 
 
-def make(ptasks, limits=None):
+def make(ptasks, limits=None, backend_class=RecordingBackend):
     p = Pipeline(None, False, quiet=True)
     for t in ptasks:
         p.add_task(t)
     g = p._solve_order()
     pickle_payloads(g)
-    backend = RecordingBackend()
+    backend = backend_class()
     done = threading.Event()
     actor = SchedulerActor.start(g, backend, done, limits or Limits())
     return p, g, backend, done, actor
@@ -244,15 +244,7 @@ class FollowingBackend(RecordingBackend):
 
 
 def make_following(ptasks, limits=None):
-    p = Pipeline(None, False, quiet=True)
-    for t in ptasks:
-        p.add_task(t)
-    g = p._solve_order()
-    pickle_payloads(g)
-    backend = FollowingBackend()
-    done = threading.Event()
-    actor = SchedulerActor.start(g, backend, done, limits or Limits())
-    return p, g, backend, done, actor
+    return make(ptasks, limits, FollowingBackend)
 
 
 def returned(spec, reason="its predecessor did not succeed"):
