@@ -53,10 +53,13 @@ class Pipeline:
         q = task._queue_id
         if q is not None and q <= len(tasks) and tasks[q - 1] is task:
             return task
-        try:
-            h = hash(task)
-        except TypeError:            # an argument that cannot be hashed even in frozen form
-            h = None
+        h = task._hash
+        if h is None:
+            try:
+                # Task's own hash without the two calls of hash() -> __hash__ (a subclass may have its own)
+                h = task._hash = task._compute_hash() if type(task) is Task else hash(task)
+            except TypeError:            # an argument that cannot be hashed even in frozen form
+                h = None
         bucket = self._by_hash.get(h) if h is not None else tasks
         if bucket is not None:
             for earlier in (bucket if isinstance(bucket, list) else (bucket,)):

@@ -82,7 +82,8 @@ def _resolve(tasks: Sequence[Task], producers: Dict[str, Task], check_inputs: bo
     g = Graph(tasks)
     order = g.tasks
     deps, dependents = g.deps, g.dependents
-    index = {id(t): i for i, t in enumerate(order)}
+    n = len(order)
+    index: Optional[Dict[int, int]] = None    # by id, only for tasks whose queue id is not their place
     missing: List[str] = []
     cwd = working_dir()
     backward_only = True       # every edge from an earlier task to a later one: no cycle possible
@@ -100,12 +101,15 @@ def _resolve(tasks: Sequence[Task], producers: Dict[str, Task], check_inputs: bo
                     dep = producers.get(path_key(d, cwd))
                     if dep is None:
                         if check_inputs and not d.exists():
-                            arg = t.argument_of(d, 'dependency')
-                            where = f"argument '{arg}'" if arg else "depends_on"
-                            missing.append(f"Task {t.label}: {where} = {str(d)!r} does not exist "
-                                           f"and no task produces it")
+                            missing.append(_missing_input(t, d))
                         continue
-                j = index.get(id(dep))
+                q = dep._queue_id          # a registered task's place, when tasks come from a pipeline
+                if q is not None and 0 < q <= n and order[q - 1] is dep:
+                    j: Optional[int] = q - 1
+                else:
+                    if index is None:
+                        index = {id(x): k for k, x in enumerate(order)}
+                    j = index.get(id(dep))
                 if j is None or j == i or (j in seen if seen is not None else j in dep_indices):
                     continue
                 if seen is not None:
@@ -133,6 +137,12 @@ def _resolve(tasks: Sequence[Task], producers: Dict[str, Task], check_inputs: bo
     if not backward_only:      # registration order is a topological order otherwise
         check_acyclic(g)
     return g
+
+
+def _missing_input(t: Task, d: Path) -> str:
+    arg = t.argument_of(d, 'dependency')
+    where = f"argument '{arg}'" if arg else "depends_on"
+    return f"Task {t.label}: {where} = {str(d)!r} does not exist and no task produces it"
 
 
 def check_acyclic(g: Graph) -> None:
