@@ -647,26 +647,36 @@ class Dispatcher(DrivenLoop):
     def _place(self, c: ClientInfo, w: WorkerInfo, spec: TaskSpec, batch: List[Tuple[int, TaskSpec]],
                functions: Dict[bytes, bytes], after: List[Tuple[int, int]], pred_jid: Optional[int] = None) -> None:
         """Make `spec` a job of worker `w` (in `batch`), and the followers waiting for it too."""
-        todo = [(spec, pred_jid)]
+        jid = self._new_job(c, w, spec, batch, functions)
+        if pred_jid is not None:
+            after.append((jid, pred_jid))
+        waiting = c.followers.pop(spec.key, None) if c.followers else None
+        if not waiting:
+            return
+        todo = [(jid, waiting)]        # not recursive: a client may send a chain of any length
         while todo:
-            spec, pred_jid = todo.pop()
-            jid = self._next_jid
-            self._next_jid += 1
-            self.jobs[jid] = Job(c, w, spec)
-            c.jobs.add(jid)
-            w.jobs.add(jid)
-            c.job_of_key[spec.key] = jid
-            if spec.func_digest not in w.functions:
-                functions[spec.func_digest] = c.functions[spec.func_digest]
-                w.functions.add(spec.func_digest)
-            batch.append((jid, spec))
-            if pred_jid is not None:
-                after.append((jid, pred_jid))
-            if c.followers:
-                waiting = c.followers.pop(spec.key, None)
-                if waiting:
-                    todo.extend((f, jid) for f in reversed(waiting))
-                    c.queued_keys.difference_update(f.key for f in waiting)
+            pred, waiting = todo.pop()
+            c.queued_keys.difference_update(f.key for f in waiting)
+            for f in waiting:
+                fjid = self._new_job(c, w, f, batch, functions)
+                after.append((fjid, pred))
+                more = c.followers.pop(f.key, None)
+                if more:
+                    todo.append((fjid, more))
+
+    def _new_job(self, c: ClientInfo, w: WorkerInfo, spec: TaskSpec, batch: List[Tuple[int, TaskSpec]],
+                 functions: Dict[bytes, bytes]) -> int:
+        jid = self._next_jid
+        self._next_jid += 1
+        self.jobs[jid] = Job(c, w, spec)
+        c.jobs.add(jid)
+        w.jobs.add(jid)
+        c.job_of_key[spec.key] = jid
+        if spec.func_digest not in w.functions:
+            functions[spec.func_digest] = c.functions[spec.func_digest]
+            w.functions.add(spec.func_digest)
+        batch.append((jid, spec))
+        return jid
 
     def _take(self, w: WorkerInfo, n: int, batch: List[Tuple[int, TaskSpec]], functions: Dict[bytes, bytes],
               after: List[Tuple[int, int]]) -> None:

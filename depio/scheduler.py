@@ -183,17 +183,20 @@ class SchedulerActor(pykka.ThreadingActor):
         specs, functions = [], {}
         breathe = self.actor_inbox.breathe
         room = self._room
+        limited = self.limits.max_in_flight is not None or self.limits.max_pending is not None
+        dependents = self.g.dependents if self.follows else None
+        ready = self.ready
         k = 0
-        while self.ready and room():
+        while ready and (not limited or room()):
             if not k & 63:
                 breathe()
             k += 1
-            i = self.ready.popleft()
+            i = ready.popleft()
             specs.append(self._spec(i, functions))
             self._set(i, PENDING)
             self.in_flight += 1
             self.pending += 1
-            if self.follows:
+            if dependents is not None and dependents[i]:
                 self._follow(i, FOLLOW_AHEAD, specs, functions)
         extend, self.to_extend = self.to_extend, []
         for tail, budget in extend:
