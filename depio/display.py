@@ -249,7 +249,7 @@ def live_lines(tasks: Sequence[Task], *, name: str, elapsed: float, eta: Optiona
     head = f"{_BOLD}depio{_RESET} {name}  {ended}/{total} done  elapsed {hms(elapsed)}  " \
            f"ETA {hms(eta) if eta is not None else '--:--'}"
     if paused:
-        head += f"  {_BOLD}{_ANSI['yellow']}PAUSED{_RESET} (no new tasks start; r resumes)"
+        head += f"  {_BOLD}{_ANSI['yellow']}PAUSED{_RESET} (no more tasks go to the workers; r resumes)"
     if note:
         head += f"  {note}"
     if not color:

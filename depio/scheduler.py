@@ -11,11 +11,14 @@ Releasing dependents costs O(out-degree): each task counts its unfinished depend
 
 Followers: with a backend that runs them (`Backend.runs_followers`), a task in flight takes along
 the first dependent that waits for it alone and would run: it goes to the same worker and starts
-there the moment its predecessor succeeds, without a round trip through this actor. Up to
-FOLLOW_AHEAD of them chain behind each other. Its build-mode decision is taken when it is handed
-out, as if its predecessor had run (which it must, for the follower to start); so a product that
-appears while the predecessor runs does not make it skip. A follower handed back unstarted
-(`TaskReturned`) or lost returns to WAITING, and to ready once nothing it needs is unfinished.
+there the moment its predecessor succeeds, without a round trip through this actor. How many chain
+behind each other follows the tasks' length (`_ahead`): up to FOLLOW_AHEAD for tasks of a few
+milliseconds, where a round trip would cost more than the task, and one for long tasks, so that a
+pause or a cancel leaves little in the workers' hands. A follower's build-mode decision is taken
+when it is handed out, as if its predecessor had run (which it must, for the follower to start);
+so a product that appears while the predecessor runs does not make it skip. A follower handed back
+unstarted (`TaskReturned`) or lost returns to WAITING, and to ready once nothing it needs is
+unfinished.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from .TaskStatus import TaskStatus, TERMINAL_STATES
 
 log = logging.getLogger("depio.scheduler")
 
-FOLLOW_AHEAD = 32     # followers handed out behind a task in flight, along a chain; refilled at half
+FOLLOW_AHEAD = 32     # followers handed out along a chain at most (tasks of a few ms); refilled at half
 
 WAITING, PENDING, RUNNING = TaskStatus.WAITING, TaskStatus.PENDING, TaskStatus.RUNNING
 FINISHED, SKIPPED, FAILED = TaskStatus.FINISHED, TaskStatus.SKIPPED, TaskStatus.FAILED
@@ -108,6 +111,7 @@ class SchedulerActor(pykka.ThreadingActor):
         self.after: List[int] = [-1] * n           # j -> the task it was handed out to follow (-1: none)
         self.follower: Dict[int, int] = {}         # i -> the task handed out to follow it
         self.to_extend: List[Tuple[int, int]] = []   # (chain tail, followers to add) for _submit_ready
+        self.avg_duration: Optional[float] = None    # of the tasks that ran, moving average (seconds)
 
     # ------------------------------------------------------------ message entry
     def on_receive(self, msg):
@@ -197,7 +201,7 @@ class SchedulerActor(pykka.ThreadingActor):
             self.in_flight += 1
             self.pending += 1
             if dependents is not None and dependents[i]:
-                self._follow(i, FOLLOW_AHEAD, specs, functions)
+                self._follow(i, self._ahead(), specs, functions)
         extend, self.to_extend = self.to_extend, []
         for tail, budget in extend:
             self._follow(tail, budget, specs, functions)
@@ -252,9 +256,18 @@ class SchedulerActor(pykka.ThreadingActor):
                     return j
         return None
 
+    def _ahead(self) -> int:
+        """How many followers to keep handed out along a chain: enough that tasks of a few ms never
+        wait for a round trip through this actor; one for tasks of a tenth of a second or more (a
+        round trip is then lost in the task's own time, and a pause leaves one link to run)."""
+        d = self.avg_duration
+        if d is None:
+            return 4               # nothing ran yet: a few, until the tasks' length is known
+        return FOLLOW_AHEAD if d < 0.002 else 4 if d < 0.1 else 1
+
     def _chain_ran(self, i: int) -> None:
-        """Task `i` succeeded: its follower is now a task like any other. If fewer than half of
-        FOLLOW_AHEAD followers are left behind it, hand out more at the end of the chain."""
+        """Task `i` succeeded: its follower is now a task like any other. If fewer than half of the
+        followers wanted (`_ahead`) are left behind it, hand out more at the end of the chain."""
         j = self.follower.pop(i, None)
         if j is None or self.after[j] != i:
             return
@@ -265,8 +278,9 @@ class SchedulerActor(pykka.ThreadingActor):
             if k is None or self.after[k] != tail or self.status[k] is not PENDING:
                 break
             tail, depth = k, depth + 1
-        if depth < FOLLOW_AHEAD // 2:
-            self.to_extend.append((tail, FOLLOW_AHEAD - depth))
+        ahead = self._ahead()
+        if depth < max(1, ahead // 2):
+            self.to_extend.append((tail, ahead - depth))
 
     def t_start(self, key: int, attempt: int, when: float, worker: str) -> None:
         if self.attempt[key] != attempt or self.status[key] is not PENDING:
@@ -285,6 +299,8 @@ class SchedulerActor(pykka.ThreadingActor):
         self.in_flight -= 1
         t = self.tasks[i]
         t.start_time, t.end_time = r.started, r.ended
+        d, avg = r.ended - r.started, self.avg_duration
+        self.avg_duration = d if avg is None else avg + 0.2 * (d - avg)
         t._stdout, t._stderr = r.stdout, r.stderr
         if r.worker:
             t.worker = r.worker

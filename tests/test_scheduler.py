@@ -278,26 +278,43 @@ def test_a_chain_goes_out_at_once_as_followers_and_runs_without_new_submits(clea
     assert counters(actor) == (0, 0)
 
 
-def test_followers_run_ahead_at_most_follow_ahead_and_are_refilled(cleanup):
+def play_chain(actor, be, n, duration):
+    """Finish a chain's tasks in order, each `duration` s long by its result. Returns the specs in the
+    order handed out, and how many were out and unfinished before each result."""
+    out, outstanding = [], []
+    for k in range(n):
+        actor.proxy().in_flight.get()        # the actor has handled all that was told before
+        while not be.submitted.empty():
+            out.append(be.submitted.get())
+        outstanding.append(len(out) - k)
+        s = out[k]
+        t = time.time()
+        actor.tell(P.ClientReport(done=(P.TaskResult(s.key, s.attempt, t, t + duration),)))
+    return out, outstanding
+
+
+def test_short_tasks_get_up_to_follow_ahead_followers_refilled_as_they_run(cleanup):
     from depio.scheduler import FOLLOW_AHEAD
     tasks = chain(3 * FOLLOW_AHEAD)
     p, g, be, done, actor = make_following(tasks); cleanup(actor)
     actor.tell(Start())
-    out = be.take(1 + FOLLOW_AHEAD)
-    assert be.nothing_more()
-    k = 0
-    while k < len(tasks):
-        actor.tell(ok(out[k]))
-        k += 1
-        if k == len(out) - FOLLOW_AHEAD // 2 + 1 and len(out) < len(tasks):
-            more = min(FOLLOW_AHEAD // 2 + 1, len(tasks) - len(out))
-            out += be.take(more)          # refilled once the chain ahead is half used up
-            assert out[-1].after == out[-2].key
-        while not be.submitted.empty():
-            out.append(be.submitted.get())
+    out, outstanding = play_chain(actor, be, len(tasks), 0.0001)
     assert done.wait(5)
     assert [s.key for s in out] == list(range(len(tasks)))
+    assert max(outstanding) <= 1 + FOLLOW_AHEAD and max(outstanding[1:]) > FOLLOW_AHEAD // 2
     assert all(t._status is S.FINISHED and t.attempts == 1 for t in tasks)
+
+
+def test_long_tasks_get_one_follower(cleanup):
+    """Once tasks are known to take a second, one link waits behind the running one, no more: a
+    pause or a cancel must not leave hours of work in a worker's hands."""
+    tasks = chain(12)
+    p, g, be, done, actor = make_following(tasks); cleanup(actor)
+    actor.tell(Start())
+    out, outstanding = play_chain(actor, be, len(tasks), 1.0)
+    assert done.wait(5)
+    assert [s.key for s in out] == list(range(len(tasks)))
+    assert outstanding[0] <= 5 and max(outstanding[6:]) <= 2, outstanding
 
 
 def test_only_one_follower_per_task_and_only_one_that_would_run(workdir, cleanup):
