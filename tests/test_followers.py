@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import random
 import signal
 import subprocess
 import sys
@@ -329,3 +330,80 @@ sys.exit(p.run())
         assert len({x[1] for x in done}) == 1, "a chain hops between the pool's workers"
     finally:
         pool.stop()
+
+
+def flaky(d: str, name: str, mode: str, seconds: float) -> None:
+    """Log the run as ok or fail: `mode` always fails, `once` fails its first attempt, `never` does not."""
+    start = time.time()
+    time.sleep(seconds)
+    marker = Path(d, f"{name}.failed")
+    fail = mode == "always" or (mode == "once" and not marker.exists())
+    if fail:
+        marker.touch()
+    with open(Path(d, "flaky.log"), "a") as f:
+        f.write(f"{name} {start:.6f} {time.time():.6f} {'fail' if fail else 'ok'}\n")
+    if fail:
+        raise RuntimeError(f"{name} fails ({mode})")
+
+
+@pytest.mark.timeout(120)
+def test_chains_with_failures_retries_and_killed_workers_keep_their_order(workdir):
+    """Random chains (fixed seed) with cross links, tasks that fail once or always, and kill -9 of two
+    workers while it runs. Whatever happens, no task starts before each of its dependencies has
+    succeeded, nothing downstream of a failure runs, and every task ends FINISHED, FAILED (those that
+    always fail, or a task lost with both killed workers) or DEPFAILED."""
+    from depio.backends import DispatcherBackend
+    rng = random.Random(7)
+    ex = ParallelExecutor(workers=3, heartbeat=0.3, liveness=4)
+    made: list = []
+    make_backend = ex.make_backend
+    ex.make_backend = lambda: made.append(make_backend()) or made[-1]
+    p = Pipeline(ex, quiet=True)
+    tasks: Dict[str, Task] = {}
+    for c in range(12):
+        prev = None
+        for k in range(rng.randint(4, 16)):
+            name = f"c{c}_{k}"
+            r = rng.random()
+            mode = "always" if r < 0.02 else "once" if r < 0.10 else "never"
+            deps = [prev] if prev is not None else []
+            if rng.random() < 0.1 and tasks:
+                deps.append(rng.choice(list(tasks.values())))
+            prev = p.add_task(Task(name, flaky, [str(workdir), name, mode, rng.choice([0.0, 0.002, 0.02, 0.1])],
+                                   depends_on=deps or None, retries=1 if mode == "once" else 0))
+            tasks[name] = prev
+    result: list = []
+    run = threading.Thread(target=lambda: result.append(p.run()), daemon=True)
+    run.start()
+    backend = wait_for(lambda: made and isinstance(made[0], DispatcherBackend) and made[0].dispatcher and made[0],
+                       30, "the backend")
+    killed = []
+    for _ in range(2):
+        workers = wait_for(lambda: [w.pid for w in backend.dispatcher.workers if w.pid not in killed], 30,
+                           "a live worker")
+        victim = rng.choice(workers)
+        os.kill(victim, signal.SIGKILL)
+        killed.append(victim)
+        time.sleep(0.5)
+    run.join(100)
+    assert not run.is_alive() and result, "the pipeline did not finish"
+    log: Dict[str, list] = {}
+    for line in (workdir / "flaky.log").read_text().splitlines():
+        name, start, end, how = line.split()
+        log.setdefault(name, []).append((float(start), float(end), how))
+    for name, t in tasks.items():
+        ran = log.get(name, [])
+        mode = t.func_args[2]
+        assert t._status in (TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.DEPFAILED), (name, t._status)
+        if t._status is TaskStatus.FAILED:      # failing on purpose, or lost with both killed workers
+            assert mode == "always" or (t.error["kind"] == "WorkerLost" and
+                                        any(f"pid {pid}" in t.reason for pid in killed)), (name, mode, t.reason)
+        if t._status is TaskStatus.DEPFAILED:
+            assert not ran, (name, ran)
+        if t._status is TaskStatus.FINISHED:
+            assert any(how == "ok" for _, _, how in ran), (name, ran)
+        for start, _, _ in ran:
+            for dep in t.task_dependencies or []:
+                assert any(how == "ok" and end <= start + 1e-3 for _, end, how in log.get(dep.name, [])), \
+                    f"{name} started before its dependency {dep.name} succeeded"
+    assert result == [1 if any(t._status is not TaskStatus.FINISHED for t in tasks.values()) else 0]
