@@ -277,7 +277,9 @@ def test_kill9_prefetched_tasks_go_again_without_using_the_loss_budget(workdir):
         jobs = [j for j in list(d.jobs.values()) if j.spec.name.startswith("queued")]
         return jobs if len(jobs) == 6 else None
     assert not any(j.started for j in wait_for(held, 10, "the six queued tasks to be held by the worker"))
-    time.sleep(0.1)                 # the victim's start is reported (10 ms after it began)
+    # the victim's start is reported 10 ms after it began; on a loaded machine it takes longer to arrive
+    wait_for(lambda: any(j.started for j in list(d.jobs.values()) if j.spec.name.startswith("victim")), 10,
+             "the dispatcher to know the victim started")
     os.kill(worker_pid, signal.SIGKILL)
     code = run.join(60)
     assert code == 1
