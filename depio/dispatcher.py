@@ -13,14 +13,17 @@ been silent for an interval; a peer silent for `liveness` intervals is gone. A l
 go back to their client as `TaskLost` (the client's scheduler decides whether to retry).
 
 Followers (`TaskSpec.after`): a pipeline may hand out a task whose one unfinished dependency is in
-flight. It goes, without using a credit, to the worker that has (or gets) that dependency, which
-starts it the moment the dependency succeeds: a chain of tasks then runs without a round trip to
-the pipeline per link. A follower whose dependency has already ended here goes back to its client
-(`TaskReturned`), which decides again.
+flight, together with that dependency or behind another follower. It goes, without using a credit,
+to the worker that has (or gets) that dependency, which starts it the moment the dependency
+succeeds: a chain of tasks then runs without a round trip to the pipeline per link. Only followers
+are tracked by key, so independent tasks pay nothing for this. A follower whose dependency is not
+found here (it ended, or was not handed out that way) goes back to its client (`TaskReturned`),
+which decides again.
 """
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import platform
 import threading
@@ -28,6 +31,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import zmq
@@ -40,6 +44,8 @@ log = logging.getLogger("depio.dispatcher")
 
 # plain ints: pyzmq's flag enums cost a Python-level call on every `&` of the loop
 _POLLIN, _EVENTS = int(zmq.POLLIN), int(zmq.EVENTS)
+_AFTER = operator.attrgetter("after")
+_is_none = partial(operator.is_, None)
 
 
 @dataclass
@@ -75,11 +81,11 @@ class ClientInfo:
     last_sent: float = field(default_factory=time.monotonic)
     done: int = 0
     deliver: Optional[Callable[[object], None]] = None   # a client in this process: no socket, no pickles
-    # followers: where each task key of this client is (queued here, or a job on a worker), and the
-    # followers waiting here for a queued task to be assigned
-    queued_keys: Set[int] = field(default_factory=set)
-    job_of_key: Dict[int, int] = field(default_factory=dict)
+    # followers only (a task without one costs nothing here): those waiting for their predecessor
+    # to be placed, by its key; their keys; and the job ids of those placed on workers, by key
     followers: Dict[int, List[TaskSpec]] = field(default_factory=dict)
+    waiting: Set[int] = field(default_factory=set)
+    follower_jobs: Dict[int, int] = field(default_factory=dict)
 
 
 class LocalClient:
@@ -431,15 +437,22 @@ class Dispatcher(DrivenLoop):
             if job is not None and job.worker is w:
                 job.started = True
                 self._report(job.client)[1].append((job.spec.key, job.spec.attempt, t, w.name))
+        jobs = self.jobs
         for jid, result in msg.done:
-            job = self._end_job(w, jid)
-            if job is None:
+            # _end_job, inline: this runs once per task
+            job = jobs.pop(jid, None)
+            w.jobs.discard(jid)
+            if job is None or job.worker is not w:
                 self.late_results += 1
                 continue      # cancelled, or the worker was declared lost and the task re-sent
+            c = job.client
+            c.jobs.discard(jid)
+            if c.follower_jobs and c.follower_jobs.get(job.spec.key) == jid:
+                del c.follower_jobs[job.spec.key]
             w.done += 1
             self.tasks_done += 1
-            job.client.done += 1
-            self._report(job.client)[2].append(result)
+            c.done += 1
+            self._report(c)[2].append(result)
         for jid, reason in msg.returned:
             job = self._end_job(w, jid)
             if job is not None:
@@ -453,8 +466,8 @@ class Dispatcher(DrivenLoop):
             return None
         c = job.client
         c.jobs.discard(jid)
-        if c.job_of_key.get(job.spec.key) == jid:
-            del c.job_of_key[job.spec.key]
+        if c.follower_jobs.get(job.spec.key) == jid:
+            del c.follower_jobs[job.spec.key]
         return job
 
     def _lose_worker(self, w: WorkerInfo, reason: str) -> None:
@@ -468,7 +481,8 @@ class Dispatcher(DrivenLoop):
             if job is None:
                 continue
             job.client.jobs.discard(jid)
-            job.client.job_of_key.pop(job.spec.key, None)
+            if job.client.follower_jobs.get(job.spec.key) == jid:
+                del job.client.follower_jobs[job.spec.key]
             self._report(job.client)[3].append(P.TaskLost(job.spec.key, job.spec.attempt, reason, job.started))
         w.jobs.clear()
         log.warning(reason)
@@ -543,11 +557,11 @@ class Dispatcher(DrivenLoop):
         A follower waiting here for a cancelled task goes back to the client."""
         if keys is None:
             c.queue.clear()
-            c.queued_keys.clear()
             c.followers.clear()
+            c.waiting.clear()
         else:
             c.queue = deque(s for s in c.queue if s.key not in keys)
-            c.queued_keys.difference_update(keys)
+            c.waiting.difference_update(keys)
             for pred in [k for k in c.followers if k in keys]:
                 self._return_followers(c, pred, "its predecessor was cancelled", keys)
             for pred, waiting in list(c.followers.items()):
@@ -558,7 +572,8 @@ class Dispatcher(DrivenLoop):
             if keys is None or job.spec.key in keys:
                 del self.jobs[jid]
                 c.jobs.discard(jid)
-                c.job_of_key.pop(job.spec.key, None)
+                if c.follower_jobs.get(job.spec.key) == jid:
+                    del c.follower_jobs[job.spec.key]
                 job.worker.jobs.discard(jid)
                 per_worker.setdefault(job.worker.identity, []).append(jid)
         for identity, jids in per_worker.items():
@@ -567,30 +582,37 @@ class Dispatcher(DrivenLoop):
                 self._send_worker(w, P.CancelJobs(tuple(jids), reason))
 
     def _queue(self, c: ClientInfo, specs: Tuple[TaskSpec, ...]) -> None:
-        """Queue a client's tasks. A follower goes at once to the worker that has its predecessor,
-        waits here for a predecessor that is queued, or goes back when the predecessor has ended."""
+        """Queue a client's tasks. A follower waits here for a predecessor that is queued (in this
+        batch) or waiting itself, goes at once to the worker that has a predecessor placed as a
+        follower, and goes back otherwise: a pipeline hands a follower out together with its
+        predecessor, or behind another follower."""
         was_empty = not c.queue
-        queue, queued = c.queue, c.queued_keys
-        direct: Dict[bytes, Tuple[WorkerInfo, List[Tuple[int, TaskSpec]], Dict[bytes, bytes], List[Tuple[int, int]]]] = {}
-        for spec in specs:
-            pred = spec.after
-            if pred is None:
-                queue.append(spec)
-                queued.add(spec.key)
-            elif pred in queued:
-                c.followers.setdefault(pred, []).append(spec)
-                queued.add(spec.key)
-            else:
-                jid = c.job_of_key.get(pred)
-                if jid is None:
-                    self._report(c)[4].append(P.TaskReturned(spec.key, spec.attempt,
-                                                             "its predecessor had ended when it arrived"))
-                    continue
-                w = self.jobs[jid].worker
-                _, batch, functions, after = direct.setdefault(w.identity, (w, [], {}, []))
-                self._place(c, w, spec, batch, functions, after, jid)
-        for w, batch, functions, after in direct.values():
-            self._send_worker(w, P.RunTasks(tuple(batch), functions, tuple(after)))
+        queue = c.queue
+        if all(map(_is_none, map(_AFTER, specs))):      # no follower: in C, as before followers
+            queue.extend(specs)
+        else:
+            direct: Dict[bytes, Tuple[WorkerInfo, List[Tuple[int, TaskSpec]], Dict[bytes, bytes],
+                                      List[Tuple[int, int]]]] = {}
+            queued: Set[int] = set()        # keys queued by this batch
+            for spec in specs:
+                pred = spec.after
+                if pred is None:
+                    queue.append(spec)
+                    queued.add(spec.key)
+                elif pred in queued or pred in c.waiting:
+                    c.followers.setdefault(pred, []).append(spec)
+                    c.waiting.add(spec.key)
+                elif pred in c.follower_jobs:
+                    jid = c.follower_jobs[pred]
+                    w = self.jobs[jid].worker
+                    _, batch, functions, after = direct.setdefault(w.identity, (w, [], {}, []))
+                    self._place(c, w, spec, batch, functions, after, jid)
+                else:
+                    self._report(c)[4].append(P.TaskReturned(
+                        spec.key, spec.attempt, "its predecessor was not found queued or placed for it here "
+                                                "(it may have ended)"))
+            for w, batch, functions, after in direct.values():
+                self._send_worker(w, P.RunTasks(tuple(batch), functions, tuple(after)))
         if was_empty and queue:
             self._rr.append(c.identity)
 
@@ -599,7 +621,7 @@ class Dispatcher(DrivenLoop):
         stack = [pred]
         while stack:
             for f in c.followers.pop(stack.pop(), ()):
-                c.queued_keys.discard(f.key)
+                c.waiting.discard(f.key)
                 if f.key not in cancelled:
                     self._report(c)[4].append(P.TaskReturned(f.key, f.attempt, reason))
                 stack.append(f.key)
@@ -650,16 +672,18 @@ class Dispatcher(DrivenLoop):
         jid = self._new_job(c, w, spec, batch, functions)
         if pred_jid is not None:
             after.append((jid, pred_jid))
+            c.follower_jobs[spec.key] = jid
         waiting = c.followers.pop(spec.key, None) if c.followers else None
         if not waiting:
             return
         todo = [(jid, waiting)]        # not recursive: a client may send a chain of any length
         while todo:
             pred, waiting = todo.pop()
-            c.queued_keys.difference_update(f.key for f in waiting)
+            c.waiting.difference_update(f.key for f in waiting)
             for f in waiting:
                 fjid = self._new_job(c, w, f, batch, functions)
                 after.append((fjid, pred))
+                c.follower_jobs[f.key] = fjid
                 more = c.followers.pop(f.key, None)
                 if more:
                     todo.append((fjid, more))
@@ -671,7 +695,6 @@ class Dispatcher(DrivenLoop):
         self.jobs[jid] = Job(c, w, spec)
         c.jobs.add(jid)
         w.jobs.add(jid)
-        c.job_of_key[spec.key] = jid
         if spec.func_digest not in w.functions:
             functions[spec.func_digest] = c.functions[spec.func_digest]
             w.functions.add(spec.func_digest)
@@ -690,12 +713,25 @@ class Dispatcher(DrivenLoop):
                 continue
             # one client's turn: a share of the credits, then the next client
             share = n if len(self._rr) == 1 else max(1, n // len(self._rr))
-            for _ in range(min(share, len(c.queue))):
-                spec = c.queue.popleft()
-                c.queued_keys.discard(spec.key)
-                self._place(c, w, spec, batch, functions, after)
-                w.credits -= 1
-                n -= 1
+            queue, jobs, followers = c.queue, self.jobs, c.followers
+            k = min(share, len(queue))
+            for _ in range(k):
+                spec = queue.popleft()
+                if followers:
+                    self._place(c, w, spec, batch, functions, after)
+                    continue
+                # _new_job, inline: this runs once per task
+                jid = self._next_jid
+                self._next_jid += 1
+                jobs[jid] = Job(c, w, spec)
+                c.jobs.add(jid)
+                w.jobs.add(jid)
+                if spec.func_digest not in w.functions:
+                    functions[spec.func_digest] = c.functions[spec.func_digest]
+                    w.functions.add(spec.func_digest)
+                batch.append((jid, spec))
+            w.credits -= k
+            n -= k
             self._rr.rotate(-1)
             if not c.queue:
                 self._rr.remove(identity)

@@ -151,17 +151,17 @@ def one_worker(workdir):
 
 def test_a_follower_starts_where_and_when_its_predecessor_succeeded(one_worker, workdir):
     d, c, worker = one_worker
-    c.submit(c.spec(0, "a", seconds=0.5))
-    wait_for(lambda: d.jobs, 10, "the predecessor to be a job")
-    c.submit(c.spec(1, "b", after=0))                  # while a runs: straight to a's worker
-    c.wait(done=[0, 1])
-    assert c.done[0].error is None and c.done[1].error is None
-    assert c.done[1].started >= c.done[0].ended
+    c.submit(c.spec(0, "a", seconds=0.5), c.spec(1, "b", after=0))    # handed out together
+    wait_for(lambda: len(d.jobs) == 2, 10, "both to be jobs of the worker")
+    c.submit(c.spec(10, "c", after=1))                 # behind a placed follower: straight to its worker
+    c.wait(done=[0, 1, 10])
+    assert all(c.done[k].error is None for k in (0, 1, 10))
+    assert c.done[0].ended <= c.done[1].started and c.done[1].ended <= c.done[10].started
     # a chain handed out in one go: each starts after the one before it ended
     c.submit(c.spec(2, "k1", seconds=0.05), c.spec(3, "k2", after=2), c.spec(4, "k3", after=3))
     c.wait(done=[2, 3, 4])
     assert c.done[2].ended <= c.done[3].started and c.done[3].ended <= c.done[4].started
-    assert [r[0] for r in runs(workdir)] == ["a", "b", "k1", "k2", "k3"]
+    assert [r[0] for r in runs(workdir)] == ["a", "b", "c", "k1", "k2", "k3"]
 
 
 def test_followers_come_back_unstarted_when_they_cannot_run(one_worker, workdir):
@@ -170,9 +170,12 @@ def test_followers_come_back_unstarted_when_they_cannot_run(one_worker, workdir)
     c.wait(done=[0])
     c.submit(c.spec(1, "late", after=0))                # a has ended: the dispatcher hands it back
     c.submit(c.spec(2, "orphan", after=99))             # no such task in flight
+    c.submit(c.spec(8, "slow", seconds=0.5))
+    wait_for(lambda: d.jobs, 10, "the slow task to be a job")
+    c.submit(c.spec(9, "apart", after=8))               # not handed out with it: back, though it runs
     c.submit(c.spec(3, "bad", fail=True), c.spec(4, "after-bad", after=3), c.spec(5, "after-that", after=4))
-    c.wait(done=[3], returned=[1, 2, 4, 5])
-    assert "ended" in c.returned[1].reason and "ended" in c.returned[2].reason
+    c.wait(done=[3, 8], returned=[1, 2, 4, 5, 9])
+    assert all("not found" in c.returned[k].reason for k in (1, 2, 9))
     assert c.done[3].error["type"] == "ValueError"
     assert "did not succeed" in c.returned[4].reason and "did not succeed" in c.returned[5].reason
     # cancelling the predecessor while it runs gives its follower back
@@ -181,7 +184,7 @@ def test_followers_come_back_unstarted_when_they_cannot_run(one_worker, workdir)
     c.local.send(P.CancelTasks((6,), "test cancels it"))
     c.wait(returned=[7])
     assert "cancelled" in c.returned[7].reason
-    assert [r[0] for r in runs(workdir)] == ["a", "bad"]      # nothing handed back ever ran
+    assert [r[0] for r in runs(workdir)] == ["a", "slow", "bad"]     # nothing handed back ever ran
     assert not d.jobs                                          # and the dispatcher forgot them all
 
 
