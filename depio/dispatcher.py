@@ -87,6 +87,12 @@ class ClientInfo:
     waiting: Set[int] = field(default_factory=set)
     follower_jobs: Dict[int, int] = field(default_factory=dict)
 
+    def forget_job(self, jid: int, key: int) -> None:
+        """Job `jid` (of task `key`) is over or given up on."""
+        self.jobs.discard(jid)
+        if self.follower_jobs and self.follower_jobs.get(key) == jid:
+            del self.follower_jobs[key]
+
 
 class LocalClient:
     """A pipeline in the dispatcher's own process. Messages to the dispatcher go through a deque and
@@ -437,18 +443,12 @@ class Dispatcher(DrivenLoop):
             if job is not None and job.worker is w:
                 job.started = True
                 self._report(job.client)[1].append((job.spec.key, job.spec.attempt, t, w.name))
-        jobs = self.jobs
         for jid, result in msg.done:
-            # _end_job, inline: this runs once per task
-            job = jobs.pop(jid, None)
-            w.jobs.discard(jid)
-            if job is None or job.worker is not w:
+            job = self._end_job(w, jid)
+            if job is None:
                 self.late_results += 1
                 continue      # cancelled, or the worker was declared lost and the task re-sent
             c = job.client
-            c.jobs.discard(jid)
-            if c.follower_jobs and c.follower_jobs.get(job.spec.key) == jid:
-                del c.follower_jobs[job.spec.key]
             w.done += 1
             self.tasks_done += 1
             c.done += 1
@@ -464,10 +464,7 @@ class Dispatcher(DrivenLoop):
         w.jobs.discard(jid)
         if job is None or job.worker is not w:
             return None
-        c = job.client
-        c.jobs.discard(jid)
-        if c.follower_jobs.get(job.spec.key) == jid:
-            del c.follower_jobs[job.spec.key]
+        job.client.forget_job(jid, job.spec.key)
         return job
 
     def _lose_worker(self, w: WorkerInfo, reason: str) -> None:
@@ -480,9 +477,7 @@ class Dispatcher(DrivenLoop):
             job = self.jobs.pop(jid, None)
             if job is None:
                 continue
-            job.client.jobs.discard(jid)
-            if job.client.follower_jobs.get(job.spec.key) == jid:
-                del job.client.follower_jobs[job.spec.key]
+            job.client.forget_job(jid, job.spec.key)
             self._report(job.client)[3].append(P.TaskLost(job.spec.key, job.spec.attempt, reason, job.started))
         w.jobs.clear()
         log.warning(reason)
@@ -571,9 +566,7 @@ class Dispatcher(DrivenLoop):
             job = self.jobs[jid]
             if keys is None or job.spec.key in keys:
                 del self.jobs[jid]
-                c.jobs.discard(jid)
-                if c.follower_jobs.get(job.spec.key) == jid:
-                    del c.follower_jobs[job.spec.key]
+                c.forget_job(jid, job.spec.key)
                 job.worker.jobs.discard(jid)
                 per_worker.setdefault(job.worker.identity, []).append(jid)
         for identity, jids in per_worker.items():
@@ -713,23 +706,10 @@ class Dispatcher(DrivenLoop):
                 continue
             # one client's turn: a share of the credits, then the next client
             share = n if len(self._rr) == 1 else max(1, n // len(self._rr))
-            queue, jobs, followers = c.queue, self.jobs, c.followers
+            queue = c.queue
             k = min(share, len(queue))
             for _ in range(k):
-                spec = queue.popleft()
-                if followers:
-                    self._place(c, w, spec, batch, functions, after)
-                    continue
-                # _new_job, inline: this runs once per task
-                jid = self._next_jid
-                self._next_jid += 1
-                jobs[jid] = Job(c, w, spec)
-                c.jobs.add(jid)
-                w.jobs.add(jid)
-                if spec.func_digest not in w.functions:
-                    functions[spec.func_digest] = c.functions[spec.func_digest]
-                    w.functions.add(spec.func_digest)
-                batch.append((jid, spec))
+                self._place(c, w, queue.popleft(), batch, functions, after)
             w.credits -= k
             n -= k
             self._rr.rotate(-1)
