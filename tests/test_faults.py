@@ -7,11 +7,11 @@ the machine is small and shared.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import platform
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -165,10 +165,11 @@ def sleep_with_child(d: str, name: str, seconds: float) -> None:
     time.sleep(seconds)
 
 
-def hold_the_gil(n: int) -> float:
-    """Catastrophic regex backtracking: CPython's sre runs it in C without releasing the GIL."""
+def hold_the_gil(seconds: float) -> float:
+    """A C call made through `ctypes.PyDLL`, which does not release the GIL: the task holds it for
+    exactly `seconds`, however fast the CPU."""
     t = time.perf_counter()
-    re.match(r"(a+)+$", "a" * n + "b")
+    ctypes.PyDLL(None).usleep(int(seconds * 1e6))
     return time.perf_counter() - t
 
 
@@ -277,8 +278,9 @@ def test_kill9_prefetched_tasks_go_again_without_using_the_loss_budget(workdir):
         jobs = [j for j in list(d.jobs.values()) if j.spec.name.startswith("queued")]
         return jobs if len(jobs) == 6 else None
     assert not any(j.started for j in wait_for(held, 10, "the six queued tasks to be held by the worker"))
-    # the victim's start is reported 10 ms after it began; on a loaded machine it takes longer to arrive
-    wait_for(lambda: any(j.started for j in list(d.jobs.values()) if j.spec.name.startswith("victim")), 10,
+    # the worker learns of the victim's start when the slot reports the task before it, which the slot
+    # never holds back longer than 2 ms (tests/test_slots.py); then the start goes out within 10 ms
+    wait_for(lambda: any(j.started for j in list(d.jobs.values()) if j.spec.name.startswith("victim")), 30,
              "the dispatcher to know the victim started")
     os.kill(worker_pid, signal.SIGKILL)
     code = run.join(60)
@@ -359,7 +361,7 @@ def test_task_past_its_timeout_fails_and_the_worker_lives_on(workdir):
     assert_all_dead([slot_pid, child_pid])       # the task's own subprocess too (process group)
 
 
-def test_the_regex_really_holds_the_gil():
+def test_the_hog_really_holds_the_gil():
     """The GIL test below is only meaningful if this blocks other threads of its process."""
     ticks: List[float] = []
     stop = threading.Event()
@@ -372,11 +374,11 @@ def test_the_regex_really_holds_the_gil():
     th = threading.Thread(target=ticker)
     th.start()
     wait_for(lambda: len(ticks) > 3, 5, "the ticker")
-    took = hold_the_gil(22)
+    took = hold_the_gil(0.5)
     stop.set()
     th.join()
     gap = max(b - a for a, b in zip(ticks, ticks[1:]))
-    assert took > 0.1 and gap > 0.8 * took, (took, gap)
+    assert took >= 0.5 and gap >= 0.5, (took, gap)
 
 
 @pytest.mark.timeout(90)
@@ -384,7 +386,7 @@ def test_task_holding_the_gil_keeps_heartbeats(workdir):
     hb, liveness = 0.2, 3
     ex = Executor(workers=1, slots_per_worker=1, heartbeat=hb, liveness=liveness)
     p = Pipeline(ex, quiet=True)
-    hog = p.add_task(Task("hog", hold_the_gil, [25]))
+    hog = p.add_task(Task("hog", hold_the_gil, [2 * hb * liveness + 1.0]))
     code = Run(p).join(80)
     assert code == 0
     assert hog._status is TaskStatus.FINISHED and hog.attempts == 1

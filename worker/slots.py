@@ -20,6 +20,7 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
@@ -52,7 +53,7 @@ def _own_process_group(pid: int = 0) -> None:
         pass
 
 
-FLUSH_AFTER = 0.002     # a slot sends finished results at least this often while it works through a batch
+FLUSH_AFTER = 0.002     # a slot never holds a finished result longer than this (seconds)
 
 
 def _frame(msg: object) -> bytes:
@@ -60,6 +61,50 @@ def _frame(msg: object) -> bytes:
     reference in a pickle costs more than the rest of a small one."""
     body = pickle.dumps(msg, protocol=5)
     return len(body).to_bytes(4, "little") + body
+
+
+class ResultSender:
+    """A slot's results go back in batches, but none waits longer than FLUSH_AFTER, also when the
+    task after it runs for an hour: the worker learns that a task started only when the one before
+    it ended, and a start it never learns of makes a killed worker's task run again for free."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._pending = threading.Condition(self._lock)
+        self._done: List[Tuple[int, Optional[tuple]]] = []
+        self._since = 0.0
+        threading.Thread(target=self._flush_late, name="depio-slot-results", daemon=True).start()
+
+    def add(self, jid: int, result: Optional[tuple], last: bool) -> None:
+        """Queue one result; `last`: the batch ends here, so send now."""
+        with self._lock:
+            if not self._done:
+                self._since = time.monotonic()
+                self._pending.notify()
+            self._done.append((jid, result))
+            if last or time.monotonic() - self._since >= FLUSH_AFTER:
+                self._send()
+
+    def _send(self) -> None:
+        self._sock.sendall(_frame(("done", self._done)))
+        self._done = []
+
+    def _flush_late(self) -> None:
+        # a task that holds the GIL in C delays this until it lets go; nothing else does
+        with self._lock:
+            while True:
+                if not self._done:
+                    self._pending.wait()
+                    continue
+                left = self._since + FLUSH_AFTER - time.monotonic()
+                if left > 0:
+                    self._pending.wait(left)
+                    continue
+                try:
+                    self._send()
+                except OSError:       # the worker is gone: the slot ends on its next read
+                    return
 
 
 def _slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
@@ -72,6 +117,7 @@ def _slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sock.setblocking(True)
     reader = sock.makefile("rb")
+    results = ResultSender(sock)
     capture = FdCapture()
     functions: Dict[bytes, object] = {}
     blobs: Dict[bytes, bytes] = {}
@@ -85,20 +131,15 @@ def _slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
         if kind == "fn":
             blobs[msg[1]] = msg[2]
         elif kind == "run":
-            # a batch: results go back in batches too, but never held longer than FLUSH_AFTER
-            done: List[Tuple[int, TaskResult]] = []
-            since = time.monotonic()
             batch = msg[1]
+            last = len(batch) - 1
             for k, (jid, spec, conditional) in enumerate(batch):
                 if conditional and not previous_ok:
-                    done.append((jid, None))          # its predecessor did not succeed: not run
+                    results.add(jid, None, k == last)     # its predecessor did not succeed: not run
                 else:
                     result = _run(TaskSpec(*spec), functions, blobs, capture, worker_name)
                     previous_ok = result.error is None
-                    done.append((jid, as_tuple(result)))
-                if k == len(batch) - 1 or time.monotonic() - since >= FLUSH_AFTER:
-                    sock.sendall(_frame(("done", done)))
-                    done, since = [], time.monotonic()
+                    results.add(jid, as_tuple(result), k == last)
         elif kind == "stop":
             return
 
