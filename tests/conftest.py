@@ -46,6 +46,20 @@ def wait_no_descendants(pid: int, timeout: float = 10.0) -> List[int]:
     return left
 
 
+def wait_for(predicate, timeout: float = 30.0, what: str = "the condition", interval: float = 0.02):
+    """Poll `predicate` until it returns something truthy, and return that. After `timeout` seconds
+    raise AssertionError naming `what` was awaited (the bound is for a hung run, not the pace of a
+    fast one: a slow machine only waits longer, it does not fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}; it did not happen")
+        time.sleep(interval)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
