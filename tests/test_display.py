@@ -5,6 +5,7 @@ import fcntl
 import io
 import os
 import pty
+import re
 import select
 import signal
 import struct
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, descendants, run_script
+from conftest import ROOT, descendants, run_script, wait_for
 from depio.Task import Task
 from depio.TaskStatus import TaskStatus
 from depio.display import (Display, fit, live_lines, render_table, visible_len)
@@ -67,15 +68,20 @@ def test_live_frame_fits_the_terminal():
 
 
 @pytest.mark.timeout(30)
-def test_display_not_on_a_terminal_prints_tables_and_rare_progress_lines():
+def test_display_not_on_a_terminal_prints_tables_and_rare_progress_lines(monkeypatch):
+    # the display's clock is the test's: "too soon" and "due" do not depend on how fast this machine is
+    now = [1000.0]
+    clock = type("Clock", (), {"monotonic": staticmethod(lambda: now[0]), "time": staticmethod(time.time)})
+    monkeypatch.setattr(sys.modules[Display.__module__], "time", clock)
     tasks = [_task(1, "a", TaskStatus.WAITING), _task(2, "b", TaskStatus.WAITING)]
     out = io.StringIO()
     d = Display(tasks, stream=out, progress_interval=0.3)
     d.start()
     for _ in range(5):
+        now[0] += 0.05
         d.refresh()                       # too soon: nothing
     assert out.getvalue().count("\n") == 4      # Tasks:, header, 2 rows
-    time.sleep(0.35)
+    now[0] += 0.1                         # 0.35 s after the start: one progress line is due
     tasks[0]._status = TaskStatus.FINISHED
     d.refresh()
     d.refresh()
@@ -224,6 +230,12 @@ class PtyRun:
         return self.out.decode("utf-8", "replace")
 
 
+def _frames(out: bytes, start: int):
+    """(end offset, text) of each whole live-view frame (home ... clear to end) drawn after `start`."""
+    return [(m.end(), m.group(1)) for m in re.compile(rb"\033\[H(.*?)\033\[J", re.S).finditer(out, start)
+            if m.group(1)]
+
+
 def _alive(pids):
     left = []
     for p in pids:
@@ -266,13 +278,22 @@ def test_pause_and_resume_keys(workdir):
         assert run.read_until(b"Running (1)", 60), run.text
         run.send(b"p")
         assert run.read_until(b"PAUSED", 20), run.text
-        # while paused, the first task ends and nothing new starts
+        paused_at = run.out.index(b"PAUSED")
+        # while paused, the first task ends; a follower handed out with it before the pause (one link
+        # of the chain) may still run, then nothing is in the workers' hands
         assert run.read_until(b"1/3 done", 30), run.text
-        time.sleep(1.0)
-        mark = len(run.out)
-        time.sleep(0.6)
-        run._read(0.5)
-        assert b"RUNNING" not in run.out[run.out.rfind(b"\033[H", mark):] or b"3/3" in run.out
+        idle = wait_for(lambda: run._read(0.05) and next((end for end, f in _frames(run.out, paused_at)
+                                                          if b"RUNNING" not in f and b"PENDING" not in f), 0),
+                        30, what="a paused frame with no task running or pending")
+        # "nothing new starts" has no event to wait for: watch the frames for 1 s (and 3 frames at least)
+        watch_until = time.monotonic() + 1.0
+        wait_for(lambda: run._read(0.05) and time.monotonic() > watch_until and len(_frames(run.out, idle)) >= 3,
+                 30, what="three more live-view frames while paused")
+        for _, f in _frames(run.out, idle):
+            assert b"PAUSED" in f and b"RUNNING" not in f and b"PENDING" not in f, f
+        started = {n for _, f in _frames(run.out, paused_at) for n in (b"second", b"third")
+                   if re.search(rb"\s" + n + rb"\s.*(RUNNING|FINISHED)", f)}
+        assert len(started) <= 1 and b"3/3" not in run.out, run.text    # at most the one follower ran
         run.send(b"r")
         code = run.finish(90)
     finally:
