@@ -3,13 +3,16 @@ other threads still wake it, the dispatcher still stops cleanly, and long schedu
 starve the heartbeats."""
 from __future__ import annotations
 
+import linecache
 import os
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
 from depio import ParallelExecutor, Pipeline, Task
 from depio.dispatcher import Dispatcher
 from depio.inbox import DispatchingInbox
@@ -27,12 +30,19 @@ def _getter(inbox: DispatchingInbox, got: list, n: int, before=None) -> threadin
     return t
 
 
+def _blocked_in_select(t: threading.Thread) -> bool:
+    """Whether thread `t` is inside `DispatchingInbox.get`, at its `select.select(...)` line."""
+    f = sys._current_frames().get(t.ident)
+    return f is not None and f.f_code is DispatchingInbox.get.__code__ \
+        and "select.select(" in linecache.getline(f.f_code.co_filename, f.f_lineno)
+
+
 @pytest.mark.timeout(20)
 def test_a_put_from_another_thread_wakes_a_waiting_get():
     inbox = DispatchingInbox()
     got: list = []
     t = _getter(inbox, got, 2)
-    time.sleep(0.2)
+    wait_for(lambda: _blocked_in_select(t), 5, what="the getter thread to block in the inbox's select")
     assert got == [] and inbox.empty()
     inbox.put("a")
     inbox.put("b")
