@@ -8,8 +8,8 @@ import os
 from concurrent.futures import Executor
 from typing import Any, Dict, Optional
 
-from .backends import Backend, DispatcherBackend, FuturesBackend, InlineBackend
-from .launchers import LocalLauncher
+from .runtime.backends import Backend, DispatcherBackend, FuturesBackend, InlineBackend
+from .runtime.launchers import LocalLauncher
 
 
 class AbstractTaskExecutor:

@@ -13,13 +13,13 @@ from .BuildMode import BuildMode
 from .Executors import AbstractTaskExecutor, ParallelExecutor
 from .Task import Task
 from .TaskStatus import TaskStatus, SUCCESSFUL_TERMINAL_STATES
-from .backends import InlineBackend
-from .display import Display, KeyReader, render_dry_run
-from .logs import LogWriter, RunLogs
+from .runtime.backends import InlineBackend
+from .view.display import Display, KeyReader, render_dry_run
+from .view.logs import LogWriter, RunLogs
 from .exceptions import (DependencyNotAvailableException, ProductAlreadyRegisteredException,
                          TaskNotInQueueException, CyclicDependencyException, TaskNotPicklableException)
-from .graph import Graph, path_key, pickle_payloads, resolve, working_dir
-from .scheduler import Cancel, Limits, Pause, SchedulerActor, Start
+from .runtime.graph import Graph, path_key, pickle_payloads, resolve, working_dir
+from .runtime.scheduler import Cancel, Limits, Pause, SchedulerActor, Start
 
 log = logging.getLogger("depio.pipeline")
 

@@ -447,7 +447,7 @@ class Task:
     # ------------------------------------------------------------ running in this process
     def run(self) -> None:
         """Run the task here, now (upstream's in-process run); raises like upstream on failure."""
-        from .execution import execute_inline
+        from .runtime.execution import execute_inline
         self.start_time = time.time()
         self._status = TaskStatus.RUNNING
         outcome = execute_inline(self.func, self.func_args, self.func_kwargs, self.label,

@@ -57,7 +57,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- logs
 
 def _run_folder(args: argparse.Namespace) -> Path:
-    from .logs import list_runs, log_root
+    from .view.logs import list_runs, log_root
     root = Path(args.dir).expanduser() if args.dir else log_root()
     if root is None:
         raise CliError("log files are off (DEPIO_LOG_DIR=off)")
@@ -82,7 +82,7 @@ def _run_folder(args: argparse.Namespace) -> Path:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from .logs import list_runs, log_root
+    from .view.logs import list_runs, log_root
     if args.runs:
         root = Path(args.dir).expanduser() if args.dir else log_root()
         if root is None or not root.is_dir():
@@ -120,7 +120,7 @@ def _id_of(name: str) -> int:
 # ---------------------------------------------------------------- key, info
 
 def _cmd_key(args: argparse.Namespace) -> int:
-    from . import protocol as P
+    from .runtime import protocol as P
     path = os.path.expanduser(args.file)
     if os.path.exists(path) and not args.force:
         raise CliError(f"{path} exists; pass --force to replace it")
@@ -135,7 +135,7 @@ def _cmd_key(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from . import __version__
-    from . import protocol as P
+    from .runtime import protocol as P
     print(f"depio {__version__}")
     for k, v in P.runtime_signature().items():
         print(f"{k}: {v}")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--runs", action="store_true", help="list the runs kept")
     lg.add_argument("--dir", help="the logs folder [$DEPIO_LOG_DIR or .depio/logs]")
     lg.set_defaults(func=_cmd_logs)
-    from .pool import add_pool_commands           # `depio pool start|status|stop` (depio/pool.py)
+    from .pool import add_pool_commands           # `depio pool start|status|stop` (depio/pool/)
     add_pool_commands(sub)
     k = sub.add_parser("key", help="write a new protocol key file (mode 600)")
     k.add_argument("file", help="where to write it")

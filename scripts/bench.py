@@ -217,7 +217,7 @@ def _build(n: int, with_files: bool = False):
 
 
 def w_build100k(n: int = 100_000) -> Dict[str, Any]:
-    from depio.graph import pickle_payloads
+    from depio.runtime.graph import pickle_payloads
     rss0 = _rss_now_mb()
     # what the user's own argument objects cost (two Paths per task), for reference: part of `add_s`
     ta = time.perf_counter()

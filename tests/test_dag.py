@@ -120,7 +120,7 @@ def test_100k_tasks_build_and_resolve_without_quadratic_cost(workdir):
 def test_acyclic_shortcut_only_when_every_edge_points_back(workdir):
     """resolve() skips Kahn's algorithm when every task depends only on tasks registered before it;
     a consumer registered before its producer (an edge forwards) must still be checked."""
-    from depio.graph import check_acyclic
+    from depio.runtime.graph import check_acyclic
     p = Pipeline(None, False, quiet=True)
     Path("root").touch()
     p.add_task(Task("late-consumer", step, [Path("c")], {"inp": Path("m")}))   # edge to a later task

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, descendants, run_script, wait_for
 from depio.Task import Task
 from depio.TaskStatus import TaskStatus
-from depio.display import (Display, fit, live_lines, render_table, visible_len)
+from depio.view.display import (Display, fit, live_lines, render_table, visible_len)
 
 ESC = "\033"
 

@@ -25,15 +25,15 @@ import cloudpickle
 import pytest
 import zmq
 
-from depio import protocol as P
+from depio.runtime import protocol as P
 from depio.Executors import ParallelExecutor
 from depio.Pipeline import Pipeline
 from depio.Task import Task
 from depio.TaskStatus import TaskStatus
-from depio.backends import DispatcherBackend
-from depio.client import DispatcherClient
-from depio.dispatcher import Dispatcher
-from depio.launchers import LocalLauncher
+from depio.runtime.backends import DispatcherBackend
+from depio.runtime.client import DispatcherClient
+from depio.runtime.dispatcher import Dispatcher
+from depio.runtime.launchers import LocalLauncher
 
 from conftest import ROOT, descendants
 
@@ -467,7 +467,7 @@ def test_pipeline_killed_leaves_no_worker(workdir):
 
 DISPATCHER_SCRIPT = """
 import sys, threading
-from depio.dispatcher import Dispatcher
+from depio.runtime.dispatcher import Dispatcher
 d = Dispatcher(bytes.fromhex(sys.argv[1]), sys.argv[2], client_address=sys.argv[3], heartbeat=0.3, liveness=3)
 d.start()
 d._ready.wait()

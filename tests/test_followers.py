@@ -18,12 +18,12 @@ from typing import Dict, List, Optional
 import cloudpickle
 import pytest
 
-from depio import protocol as P
+from depio.runtime import protocol as P
 from depio.Executors import ParallelExecutor
 from depio.Pipeline import Pipeline
 from depio.Task import Task
 from depio.TaskStatus import TaskStatus
-from depio.dispatcher import Dispatcher
+from depio.runtime.dispatcher import Dispatcher
 
 from conftest import ROOT, wait_for
 
@@ -345,7 +345,7 @@ def test_chains_with_failures_retries_and_killed_workers_keep_their_order(workdi
     workers while it runs. Whatever happens, no task starts before each of its dependencies has
     succeeded, nothing downstream of a failure runs, and every task ends FINISHED, FAILED (those that
     always fail, or a task lost with both killed workers) or DEPFAILED."""
-    from depio.backends import DispatcherBackend
+    from depio.runtime.backends import DispatcherBackend
     rng = random.Random(7)
     ex = ParallelExecutor(workers=3, heartbeat=0.3, liveness=4)
     made: list = []

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import wait_for
 from depio import ParallelExecutor, Pipeline, Task
-from depio.dispatcher import Dispatcher
-from depio.inbox import DispatchingInbox
+from depio.runtime.dispatcher import Dispatcher
+from depio.runtime.inbox import DispatchingInbox
 from depio.TaskStatus import TaskStatus
 
 

@@ -225,7 +225,7 @@ def test_no_worker_outlives_run(workdir):
 
 
 def test_all_skipped_run_starts_no_worker(workdir, monkeypatch):
-    from depio.launchers import LocalLauncher
+    from depio.runtime.launchers import LocalLauncher
     starts = []
     real_start = LocalLauncher.start
     monkeypatch.setattr(LocalLauncher, "start", lambda self, *a: (starts.append(a), real_start(self, *a)))

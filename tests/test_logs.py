@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from depio import ParallelExecutor, Pipeline, Task
-from depio.logs import RunLogs, list_runs, safe_name
+from depio.view.logs import RunLogs, list_runs, safe_name
 
 
 def talk(i: int):

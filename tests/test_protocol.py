@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from depio import protocol as P
-from depio.client import DispatcherClient
-from depio.dispatcher import Dispatcher
+from depio.runtime import protocol as P
+from depio.runtime.client import DispatcherClient
+from depio.runtime.dispatcher import Dispatcher
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = bytes(range(32))
@@ -177,7 +177,7 @@ def test_non_loopback_bind_needs_a_key(tmp_path, monkeypatch):
 
 WORKER_AS = {
     "normal": "",
-    "protocol99": "import depio.protocol as P; P.PROTOCOL_VERSION = 99; P.HEADER = b'depio/99'",
+    "protocol99": "import depio.runtime.protocol as P; P.PROTOCOL_VERSION = 99; P.HEADER = b'depio/99'",
     "cloudpickle99": "import cloudpickle; cloudpickle.__version__ = '99.0.0'",
     "python3.99": "import sys; sys.version_info = (3, 99, 0, 'final', 0)",
 }

@@ -7,14 +7,14 @@ from typing import Annotated
 
 import pytest
 
-from depio import protocol as P
+from depio.runtime import protocol as P
 from depio.BuildMode import BuildMode
 from depio.Pipeline import Pipeline
 from depio.Task import Dependency, Product, Task
 from depio.TaskStatus import TaskStatus as S
-from depio.backends import Backend
-from depio.graph import pickle_payloads
-from depio.scheduler import BackendFailed, Cancel, Limits, SchedulerActor, Start
+from depio.runtime.backends import Backend
+from depio.runtime.graph import pickle_payloads
+from depio.runtime.scheduler import BackendFailed, Cancel, Limits, SchedulerActor, Start
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -294,7 +294,7 @@ def play_chain(actor, be, n, duration):
 
 
 def test_short_tasks_get_up_to_follow_ahead_followers_refilled_as_they_run(cleanup):
-    from depio.scheduler import FOLLOW_AHEAD
+    from depio.runtime.scheduler import FOLLOW_AHEAD
     tasks = chain(3 * FOLLOW_AHEAD)
     p, g, be, done, actor = make_following(tasks); cleanup(actor)
     actor.tell(Start())

@@ -10,7 +10,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from depio.protocol import TaskSpec
+from depio.runtime.protocol import TaskSpec
 from worker.slots import Slot, slot_context
 
 

@@ -28,9 +28,9 @@ from typing import Deque, Dict, List, Optional, Set, Tuple
 
 import zmq
 
-from depio import protocol as P
-from depio.inbox import drain_pipe
-from depio.protocol import TaskResult, TaskSpec
+from depio.runtime import protocol as P
+from depio.runtime.inbox import drain_pipe
+from depio.runtime.protocol import TaskResult, TaskSpec
 
 from .slots import Slot, slot_context, stop_slots
 

@@ -27,8 +27,8 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 import cloudpickle
 
-from depio.execution import FdCapture, call_task
-from depio.protocol import TaskResult, TaskSpec, as_tuple
+from depio.runtime.execution import FdCapture, call_task
+from depio.runtime.protocol import TaskResult, TaskSpec, as_tuple
 
 VALUE_LIMIT = 1 << 20   # return values larger than this are not sent back
 

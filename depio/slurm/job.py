@@ -10,7 +10,7 @@ from collections import deque
 from typing import List, Optional
 
 
-from .. import protocol as P
+from ..runtime import protocol as P
 
 log = logging.getLogger("depio.slurm")
 

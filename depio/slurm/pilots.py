@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 
-from .. import protocol as P
-from ..backends import Backend, DispatcherBackend
+from ..runtime import protocol as P
+from ..runtime.backends import Backend, DispatcherBackend
 from ..Executors import AbstractTaskExecutor
 from .states import _terminal
 from .query import QUERY_INTERVAL, SlurmQuery, scancel, wait_gone

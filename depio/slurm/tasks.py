@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional
 
 import zmq
 
-from .. import protocol as P
-from ..backends import Backend
+from ..runtime import protocol as P
+from ..runtime.backends import Backend
 from ..Executors import AbstractTaskExecutor
 from .states import _RETRYABLE, _base_state, _terminal
 from .query import QUERY_INTERVAL, SlurmQuery, scancel, wait_gone

@@ -23,8 +23,8 @@ from typing import Callable, List, Optional, Sequence, TextIO
 
 from tabulate import tabulate
 
-from .Task import Task, _status_colors
-from .TaskStatus import TaskStatus, FAILED_TERMINAL_STATES, TERMINAL_STATES
+from ..Task import Task, _status_colors
+from ..TaskStatus import TaskStatus, FAILED_TERMINAL_STATES, TERMINAL_STATES
 
 _ANSI = {"blue": "\033[34m", "yellow": "\033[33m", "green": "\033[32m", "red": "\033[31m", "white": "\033[37m"}
 _RESET = "\033[0m"

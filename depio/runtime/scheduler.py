@@ -32,11 +32,11 @@ from typing import Deque, Dict, List, Optional, Tuple
 import pykka
 
 from . import protocol as P
-from .BuildMode import BuildMode
+from ..BuildMode import BuildMode
 from .execution import restore_source_lines
 from .graph import Graph
 from .inbox import DispatchingInbox
-from .TaskStatus import TaskStatus, TERMINAL_STATES
+from ..TaskStatus import TaskStatus, TERMINAL_STATES
 
 log = logging.getLogger("depio.scheduler")
 

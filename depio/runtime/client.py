@@ -1,7 +1,7 @@
 """A pipeline's connection to a dispatcher (in-process, or a pool at an address).
 
 One thread owns the DEALER socket: a thread of its own, or (`start(threaded=False)`) the scheduler
-actor's, whose inbox runs `turn()` while it waits (see `depio.inbox`), so that a result from a pool
+actor's, whose inbox runs `turn()` while it waits (see `depio.runtime.inbox`), so that a result from a pool
 reaches the scheduler without a thread switch. Other threads hand it messages through a deque and a
 wake-up pipe; what arrives from the dispatcher goes to `on_message`. The owner sends heartbeats and
 declares the dispatcher gone after `liveness` silent intervals.

@@ -16,8 +16,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cloudpickle
 
-from .exceptions import CyclicDependencyException, DependencyNotAvailableException, TaskNotPicklableException
-from .Task import Task
+from ..exceptions import CyclicDependencyException, DependencyNotAvailableException, TaskNotPicklableException
+from ..Task import Task
 
 
 _PLAIN_PATHS = frozenset({PosixPath, WindowsPath, PurePosixPath, PureWindowsPath})

@@ -1,7 +1,7 @@
 """The dispatcher: hands ready tasks of its clients (pipelines) to workers over ZeroMQ.
 
 In a `depio pool` it runs in a thread of its own; in a pipeline's process the scheduler actor's
-thread runs its loop (`turn()`) while the actor waits for messages (see `depio.inbox`). It owns a
+thread runs its loop (`turn()`) while the actor waits for messages (see `depio.runtime.inbox`). It owns a
 ROUTER socket that workers connect to and, in a pool, one for clients (a pipeline's own dispatcher
 has one client, in its process, which talks to it through a deque and a wake-up pipe). It never
 unpickles a task's payload; it only routes `TaskSpec`s to workers that asked for work (credits)
@@ -194,7 +194,7 @@ class Dispatcher(DrivenLoop):
     # ------------------------------------------------------------ life cycle
     def start(self, threaded: bool = True, wake_pipe: Optional[Tuple[int, int]] = None) -> "Dispatcher":
         """Bind, and run the loop in a thread of its own; or, `threaded=False`, let the caller's thread
-        drive it with `turn()` (the scheduler actor's inbox does, see `depio.inbox`). `wake_pipe`: a
+        drive it with `turn()` (the scheduler actor's inbox does, see `depio.runtime.inbox`). `wake_pipe`: a
         pipe (read end, write end) to share with that caller, whose poll it then wakes too."""
         self._wsock = self._router(self._worker_address_requested)
         self.worker_address = self._wsock.getsockopt(zmq.LAST_ENDPOINT).decode()

@@ -29,11 +29,11 @@ from typing import Any, Dict, List, Optional
 
 import zmq
 
-from . import protocol as P
-from .Executors import AbstractTaskExecutor
-from .backends import Backend, DispatcherBackend
-from .dispatcher import Dispatcher
-from .launchers import LocalLauncher
+from ..runtime import protocol as P
+from ..Executors import AbstractTaskExecutor
+from ..runtime.backends import Backend, DispatcherBackend
+from ..runtime.dispatcher import Dispatcher
+from ..runtime.launchers import LocalLauncher
 
 log = logging.getLogger("depio.pool")
 
@@ -204,7 +204,7 @@ class PoolService:
                 launcher.start(dispatcher.worker_address, self.key)
                 launchers.append(launcher)
             if self.slurm > 0:
-                from .slurm import pool_pilots
+                from ..slurm import pool_pilots
                 launchers.append(pool_pilots(dispatcher, self.key, self.slurm, self.slurm_slots, self.slurm_time,
                                              self.slurm_parameters, pools_dir() / f"{self.name}-slurm",
                                              self.heartbeat, max(self.liveness, 5)))

@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-from .exceptions import (DependencyNotMetException, ProductNotProducedException, ProductNotUpdatedException,
+from ..exceptions import (DependencyNotMetException, ProductNotProducedException, ProductNotUpdatedException,
                          TaskRaisedExceptionException, DepioError)
 from .protocol import TaskResult
 

@@ -1,0 +1,1 @@
+"""What a person sees: the terminal view (table, live view, summary) and the per-task log folders."""
