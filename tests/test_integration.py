@@ -12,7 +12,7 @@ from typing import Annotated
 
 import pytest
 
-from conftest import ROOT, descendants, run_script, wait_no_descendants
+from conftest import ROOT, descendants, run_script, wait_for, wait_no_descendants
 from depio.Executors import ParallelExecutor, SequentialExecutor
 from depio.Pipeline import Pipeline
 from depio.Task import Dependency, Product, Task
@@ -187,6 +187,18 @@ def interval(i, sec=0.3):
     return start, time.time()
 
 
+def meet(d: str, i: int, bound: float = 30.0):
+    """Mark task `i` started, then wait (up to `bound`) until another task has started too: tasks that
+    run at the same time overlap however slow the machine or a worker's start; tasks run one after
+    the other do not (the first gives up after `bound`)."""
+    start = time.time()
+    Path(d, f"started{i}").touch()
+    deadline = time.monotonic() + bound
+    while len(list(Path(d).glob("started*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return start, time.time()
+
+
 def overlaps(results):
     spans = sorted(results)
     return any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
@@ -194,7 +206,7 @@ def overlaps(results):
 
 def test_parallel_runs_at_once_and_max_jobs_queued_serialises(workdir):
     p = Pipeline(ParallelExecutor(workers=2), quiet=True)
-    ts = [p.add_task(Task(f"t{i}", interval, [i])) for i in range(4)]
+    ts = [p.add_task(Task(f"t{i}", meet, [str(workdir), i])) for i in range(4)]
     assert p.run() == 0 and overlaps([t.result for t in ts])
     p = Pipeline(ParallelExecutor(workers=2, max_jobs_queued=1), quiet=True)
     ts = [p.add_task(Task(f"t{i}", interval, [i, 0.1])) for i in range(4)]
@@ -241,9 +253,11 @@ def test_all_skipped_run_starts_no_worker(workdir, monkeypatch):
 # ---------------------------------------------------------------- interruption
 
 SLOW = """
-import sys, time
+import os, sys, time
 from depio import Pipeline, Task, ParallelExecutor
+HERE = os.getcwd()
 def slow(i):
+    open(os.path.join(HERE, f"started{i}"), "w").close()
     time.sleep(60)
 p = Pipeline(ParallelExecutor(workers=2))
 for i in range(4):
@@ -261,12 +275,9 @@ def test_interrupt_cancels_and_leaves_nothing(workdir, sig):
     proc = subprocess.Popen([sys.executable, str(script)], cwd=workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while len(descendants(proc.pid)) < 4 and time.monotonic() < deadline:   # 2 workers + 2 slots
-            time.sleep(0.05)
+        wait_for(lambda: len(list(workdir.glob("started*"))) >= 2, 30, what="a task running on each worker")
         family = descendants(proc.pid)
-        assert len(family) >= 4
-        time.sleep(0.5)
+        assert len(family) >= 4                     # 2 workers + 2 slots
         t0 = time.monotonic()
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=30)
@@ -283,8 +294,24 @@ def test_interrupt_cancels_and_leaves_nothing(workdir, sig):
 
 def test_long_tasks_go_to_idle_workers_not_into_a_busy_workers_queue(workdir):
     """Two long tasks released together after a short one run at once on two workers (a worker
-    that just learned 'tasks are short' must not hoard both)."""
-    p = Pipeline(ParallelExecutor(workers=2), quiet=True)
+    that just learned 'tasks are short' must not hoard both). Nothing goes out before both workers
+    registered: a second worker that starts late (a loaded machine) is not what this is about."""
+    ex = ParallelExecutor(workers=2)
+    make_backend = ex.make_backend
+
+    def backend_that_waits_for_both_workers():
+        b = make_backend()
+        submit = b.submit
+
+        def submit_once_both_are_in(specs, functions):
+            b.warm_up()         # the actor waits here; its keep-alive thread lets the workers register
+            wait_for(lambda: len(b.dispatcher.workers) >= 2, 30, what="both workers to register")
+            submit(specs, functions)
+        b.submit = submit_once_both_are_in
+        return b
+
+    ex.make_backend = backend_that_waits_for_both_workers
+    p = Pipeline(ex, quiet=True)
     first = p.add_task(Task("first", interval, [0, 0.2]))
     a = p.add_task(Task("a", interval, [1, 1.5], depends_on=[first]))
     b = p.add_task(Task("b", interval, [2, 1.5], depends_on=[first]))
