@@ -25,6 +25,9 @@
 #   LOCAL_SLURM_TIMEOUT    seconds to wait for the node to become idle          [60]
 #   LOCAL_SLURM_CPUS       CPUs the node advertises (SlurmdParameters=config_overrides), e.g. 8
 #                          to run 8 one-CPU jobs at once on 2 cores            [real count]
+#   LOCAL_SLURM_GPUS       fake GPUs (generic resources gpu:N, N <= 6) on the node, for routing tests:
+#                          each is an existing device file (/dev/zero, /dev/full, ...); jobs that ask
+#                          for --gres=gpu:1 get CUDA_VISIBLE_DEVICES set by Slurm          [0: none]
 #   LOCAL_SLURM_NO_INSTALL=1   never call apt-get (fail if binaries are missing)
 set -euo pipefail
 
@@ -40,6 +43,7 @@ DB_PORT=${LOCAL_SLURM_DB_PORT:-3307}
 FIRST_JOB_ID=${LOCAL_SLURM_FIRST_JOB_ID:-time}
 TIMEOUT=${LOCAL_SLURM_TIMEOUT:-60}
 CPUS=${LOCAL_SLURM_CPUS:-}     # e.g. 8: node advertises 8 CPUs on a 2-core machine
+GPUS=${LOCAL_SLURM_GPUS:-0}    # fake GPUs: gres/gpu on device files that exist everywhere
 CONF=$DIR/etc/slurm.conf
 MUNGE_SOCK=$DIR/munge-sock/munge.socket
 
@@ -174,9 +178,18 @@ EOF
   else
     echo "AccountingStorageType=accounting_storage/none" >>"$CONF"
   fi
+  local gres=""
+  if [ "$GPUS" -gt 0 ]; then
+    local devices=(/dev/zero /dev/full /dev/null /dev/random /dev/urandom /dev/tty) i
+    [ "$GPUS" -le ${#devices[@]} ] || die "LOCAL_SLURM_GPUS=$GPUS: at most ${#devices[@]} fake GPUs"
+    echo "GresTypes=gpu" >>"$CONF"
+    : >"$DIR/etc/gres.conf"
+    for ((i = 0; i < GPUS; i++)); do echo "Name=gpu File=${devices[$i]}" >>"$DIR/etc/gres.conf"; done
+    gres="Gres=gpu:${GPUS}"
+  fi
   cat >>"$CONF" <<EOF
 ${extra}
-NodeName=${NODE} NodeAddr=127.0.0.1 ${cpus} RealMemory=${mem} State=UNKNOWN
+NodeName=${NODE} NodeAddr=127.0.0.1 ${cpus} RealMemory=${mem} ${gres} State=UNKNOWN
 PartitionName=debug Nodes=${NODE} Default=YES MaxTime=INFINITE State=UP
 EOF
 }
