@@ -8,29 +8,9 @@ import os
 from concurrent.futures import Executor
 from typing import Any, Dict, Optional
 
+from .executor_base import AbstractTaskExecutor
 from .runtime.backends import Backend, DispatcherBackend, FuturesBackend, InlineBackend
 from .runtime.launchers import LocalLauncher
-
-
-class AbstractTaskExecutor:
-    """Base of the executors; `max_jobs_queued` caps tasks handed out and not yet ended,
-    `max_jobs_pending` caps those handed out and not yet started."""
-
-    def __init__(self, max_jobs_pending: Optional[int] = None, max_jobs_queued: Optional[int] = None,
-                 retries_on_worker_loss: int = 1):
-        for name, value in (("max_jobs_pending", max_jobs_pending), ("max_jobs_queued", max_jobs_queued)):
-            if value is not None and int(value) < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be at least 1, got {value}")
-        self.max_jobs_pending = max_jobs_pending
-        self.max_jobs_queued = max_jobs_queued
-        self.retries_on_worker_loss = retries_on_worker_loss
-
-    def make_backend(self) -> Backend:
-        """A fresh backend for one run."""
-        raise TypeError(f"{type(self).__name__} does not say how to run tasks")
-
-    def describe(self) -> str:
-        return type(self).__name__
 
 
 class SequentialExecutor(AbstractTaskExecutor):
@@ -76,9 +56,9 @@ class ParallelExecutor(AbstractTaskExecutor):
         return f"ParallelExecutor({self.workers} workers x {self.slots_per_worker} slots)"
 
 
-def __getattr__(name: str):
-    """The Slurm executors live in depio.slurm, which imports this module: load them on first use
-    (an import at the top would be circular when a Slurm job imports depio.slurm first)."""
+def __getattr__(name: str) -> Any:
+    """The Slurm executors live in depio.slurm (which derives them from depio.executor_base, not
+    from this module): loaded on first use, so that local runs never import submitit's helpers."""
     if name in ("SubmitItExecutor", "SlurmPilotExecutor"):
         from . import slurm
         return getattr(slurm, name)

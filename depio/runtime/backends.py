@@ -22,7 +22,7 @@ import pykka
 
 from . import protocol as P
 from .inbox import DispatchingInbox
-from .scheduler import BackendFailed
+from .events import BackendFailed
 
 log = logging.getLogger("depio.backends")
 

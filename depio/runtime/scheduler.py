@@ -33,6 +33,7 @@ import pykka
 
 from . import protocol as P
 from ..BuildMode import BuildMode
+from .events import BackendFailed
 from .execution import restore_source_lines
 from .graph import Graph
 from .inbox import DispatchingInbox
@@ -61,12 +62,6 @@ class Cancel:
 @dataclass(frozen=True)
 class Pause:
     paused: bool
-
-
-@dataclass(frozen=True)
-class BackendFailed:
-    """The backend can run nothing more (no workers left, the pool went away)."""
-    reason: str
 
 
 @dataclass

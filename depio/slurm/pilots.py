@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..runtime import protocol as P
 from ..runtime.backends import Backend, DispatcherBackend
-from ..Executors import AbstractTaskExecutor
+from ..executor_base import AbstractTaskExecutor
 from .states import _terminal
 from .query import QUERY_INTERVAL, SlurmQuery, scancel, wait_gone
 from .addresses import _remove, bind_address, write_key_file

@@ -15,7 +15,7 @@ import zmq
 
 from ..runtime import protocol as P
 from ..runtime.backends import Backend
-from ..Executors import AbstractTaskExecutor
+from ..executor_base import AbstractTaskExecutor
 from .states import _RETRYABLE, _base_state, _terminal
 from .query import QUERY_INTERVAL, SlurmQuery, scancel, wait_gone
 from .addresses import _remove, bind_address, default_host, write_key_file
