@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -104,6 +104,12 @@ def work(i, sec):
 n, sec, out = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 p = Pipeline(PoolExecutor("t"), quiet=True)
 tasks = [p.add_task(Task("work", work, [i, sec])) for i in range(n)]
+if len(sys.argv) > 4:      # meet the other pipelines: start running when all are ready, not when each started
+    barrier, count = sys.argv[4], int(sys.argv[5])
+    open(f"{barrier}.{os.getpid()}", "w").close()
+    deadline = time.monotonic() + 60
+    while len([f for f in os.listdir(".") if f.startswith(barrier + ".")]) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
 t0 = time.time()
 code = p.run()
 json.dump({"code": code, "t0": t0, "spans": [t.result for t in tasks]}, open(out, "w"))
@@ -111,10 +117,11 @@ sys.exit(code)
 """
 
 
-def start_pipeline(home, workdir, n, sec, out):
+def start_pipeline(home, workdir, n, sec, out, meet=()):
+    """`meet=(name, count)`: the pipeline runs once `count` pipelines given that name are ready."""
     script = workdir / "pipe.py"
     script.write_text(PIPELINE)
-    return subprocess.Popen([sys.executable, str(script), str(n), str(sec), str(out)], cwd=workdir,
+    return subprocess.Popen([sys.executable, str(script), str(n), str(sec), str(out), *map(str, meet)], cwd=workdir,
                             env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL)
 
@@ -131,8 +138,9 @@ def busy_fraction(span, other_spans, bins=10):
 
 
 def test_two_pipelines_share_the_pool_fairly(pool, home, workdir):
-    a = start_pipeline(home, workdir, 500, 0.01, workdir / "a.json")
-    b = start_pipeline(home, workdir, 500, 0.01, workdir / "b.json")
+    # both run from the same moment, however long each interpreter takes to start
+    a = start_pipeline(home, workdir, 500, 0.01, workdir / "a.json", meet=("fair", 2))
+    b = start_pipeline(home, workdir, 500, 0.01, workdir / "b.json", meet=("fair", 2))
     out_a, _ = a.communicate(timeout=150)
     out_b, _ = b.communicate(timeout=150)
     assert a.returncode == 0, out_a
@@ -147,9 +155,8 @@ def test_two_pipelines_share_the_pool_fairly(pool, home, workdir):
 
 def test_killed_pipeline_is_dropped_and_others_go_on(pool, home, workdir):
     victim = start_pipeline(home, workdir, 100, 2.0, workdir / "victim.json")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(c["running"] for c in pool.status()["clients"]):
-        time.sleep(0.1)
+    wait_for(lambda: any(c["running"] for c in pool.status()["clients"]), 30, what="the victim's tasks to run",
+             interval=0.1)
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate(timeout=10)
     other = start_pipeline(home, workdir, 20, 0.01, workdir / "other.json")
@@ -241,9 +248,8 @@ def test_pipeline_fails_clearly_when_the_pool_goes_away(home, workdir):
     try:
         p.wait_workers(1)
         run = start_pipeline(home, workdir, 4, 30.0, workdir / "gone.json")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(c["running"] for c in p.status()["clients"]):
-            time.sleep(0.1)
+        wait_for(lambda: any(c["running"] for c in p.status()["clients"]), 30, what="the pipeline's tasks to run",
+                 interval=0.1)
         p.stop()
         out, _ = run.communicate(timeout=30)
         assert run.returncode == 1
@@ -262,9 +268,8 @@ def test_small_pipeline_is_not_stuck_behind_a_big_one(pool, home, workdir):
     """A small pipeline arriving while a big one keeps every slot busy gets its share at once: it ends
     long before the big one (the pool does not serve pipelines one after the other)."""
     big = start_pipeline(home, workdir, 400, 0.05, workdir / "big.json")     # ~10 s of work on 2 slots
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(c["running"] for c in pool.status()["clients"]):
-        time.sleep(0.1)
+    wait_for(lambda: any(c["running"] for c in pool.status()["clients"]), 30, what="the big pipeline's tasks to run",
+             interval=0.1)
     small = start_pipeline(home, workdir, 3, 0.01, workdir / "small.json")
     out, _ = small.communicate(timeout=60)
     assert small.returncode == 0, out
