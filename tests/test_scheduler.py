@@ -37,7 +37,9 @@ class RecordingBackend(Backend):
         return [self.submitted.get(timeout=5) for _ in range(n)]
 
     def nothing_more(self):
-        time.sleep(0.05)
+        """Nothing more submitted once the actor handled all it was told so far (pykka handles one
+        message at a time, in order: a query is answered after every message told before it)."""
+        self.actor.proxy().in_flight.get(timeout=5)
         return self.submitted.empty()
 
 
@@ -54,6 +56,7 @@ def make(ptasks, limits=None, backend_class=RecordingBackend):
     backend = backend_class()
     done = threading.Event()
     actor = SchedulerActor.start(g, backend, done, limits or Limits())
+    backend.actor = actor
     return p, g, backend, done, actor
 
 
@@ -130,7 +133,7 @@ def test_lost_task_is_redispatched_once_then_fails(cleanup):
     assert done.wait(5)
     assert a.status[0] is S.FAILED and "pid 7" in a.reason
     actor.tell(ok(s1))             # the first attempt's late result changes nothing
-    time.sleep(0.05)
+    actor.proxy().in_flight.get(timeout=5)          # once the actor has handled it
     assert a.status[0] is S.FAILED
 
 
