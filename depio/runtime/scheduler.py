@@ -28,6 +28,7 @@ import pykka
 
 from . import protocol as P
 from .decide import decide
+from .events import BackendFailed, SlurmState
 from .execution import restore_source_lines
 from .followers import FOLLOW_AHEAD, Followers
 from .graph import Graph
@@ -56,20 +57,6 @@ class Cancel:
 @dataclass(frozen=True)
 class Pause:
     paused: bool
-
-
-@dataclass(frozen=True)
-class BackendFailed:
-    """The backend can run nothing more (no workers left, the pool went away)."""
-    reason: str
-
-
-@dataclass(frozen=True)
-class SlurmState:
-    """A Slurm backend's thread saw a task's job change (`slurmid` None: unchanged)."""
-    key: int
-    state: str
-    slurmid: Optional[str] = None
 
 
 @dataclass
@@ -156,7 +143,7 @@ class SchedulerActor(pykka.ThreadingActor):
         transitions may be what failed), cancel what the backend holds, keep the traceback."""
         text = "".join(traceback.format_exception(exception_type, exception_value, tb))
         log.error("the scheduler failed:\n%s", text)
-        self.crash.append(text)
+        self.crash.append(f"the scheduler failed:\n{text}")
         reason = f"the scheduler failed: {exception_type.__name__}: {exception_value}"
         try:
             if self.st.abandon(reason):
