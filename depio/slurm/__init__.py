@@ -1,7 +1,8 @@
 """Slurm through submitit: per-task jobs (`SubmitItExecutor`, upstream's mode) and pilot workers
 (`SlurmPilotExecutor`).
 
-Both modes run tasks with the worker code (`worker.main.Worker`) inside Slurm jobs. The jobs connect
+Both modes run the worker inside Slurm jobs: the job's function (`job`) starts
+`python -m worker.slurm_job` as a command, so depio never imports the worker package. The jobs connect
 back over ZeroMQ to the pipeline (signed with the run's key), so a task's start and end arrive at
 once over the socket; Slurm is asked about jobs only when something went wrong (a job's worker left
 or fell silent) and, rate limited, about jobs that never showed up. Every question is one batched
@@ -29,7 +30,7 @@ until squeue no longer lists them as pending or running.
 
 The modules: `states` (what a Slurm state means for a task), `query` (batched squeue, sacct,
 scancel), `addresses` (where jobs connect back, the key file), `submission` (submitit parameters),
-`job` (the worker inside a job), `tasks` (per-task mode), `pilots` (pilot mode, and a pool's pilots).
+`job` (what a job runs: the worker, as a command), `tasks` (per-task mode), `pilots` (pilot mode, and a pool's pilots).
 """
 from .addresses import ADDRESS_ENV, bind_address, default_host, write_key_file
 from .job import run_pilot, run_task_job
