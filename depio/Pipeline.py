@@ -6,19 +6,24 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Dict, List, NoReturn, Optional, Sequence, Tuple
+
+import pykka
 
 from .BuildMode import BuildMode
 from .Executors import AbstractTaskExecutor, ParallelExecutor
 from .Task import Task
 from .TaskStatus import TaskStatus, SUCCESSFUL_TERMINAL_STATES
 from .runtime.backends import InlineBackend
+from .runtime.decide import decide
+from .runtime.transitions import ChangeFeed
 from .view.display import Display, KeyReader, render_dry_run
 from .view.logs import LogWriter, RunLogs
 from .exceptions import (DependencyNotAvailableException, ProductAlreadyRegisteredException,
                          TaskNotInQueueException, CyclicDependencyException, TaskNotPicklableException)
-from .runtime.graph import Graph, path_key, pickle_payloads, resolve, working_dir
+from .runtime.graph import Graph, path_key, pickle_payloads, resolve, topological_order, working_dir
 from .runtime.scheduler import Cancel, Limits, Pause, SchedulerActor, Start
 
 log = logging.getLogger("depio.pipeline")
@@ -150,7 +155,7 @@ class Pipeline:
             return self._dry_run()
         executor = self._executor()
         g = self.validate()
-        for t in self.tasks:
+        for t in self.tasks:       # before the scheduler exists; from its start on, it alone writes these
             t._status, t.reason, t.error, t.start_time, t.end_time, t.attempts = \
                 TaskStatus.WAITING, "", None, None, None, 0
             t.stdout_path = t.stderr_path = None
@@ -158,19 +163,21 @@ class Pipeline:
         inline = isinstance(backend, InlineBackend)   # tasks print to this terminal; pdb needs stdin
         stdout_tty = _isatty(sys.stdout)
         live = stdout_tty and not inline and not self.quiet
+        feed = ChangeFeed()
         display = Display(self.tasks, quiet=self.quiet, clear_screen=self.clear_screen,
                           hide_successful=self.hide_successful_terminated_tasks, refreshrate=self.refreshrate,
-                          name=self.name, live=live, keys=live and _isatty(sys.stdin))
+                          name=self.name, live=live, keys=live and _isatty(sys.stdin), feed=feed)
         if not self.tasks:
             display.final(0)
             return 0
         logs = RunLogs()
         logs.open()
         display.log_folder = logs.folder
-        writer = LogWriter(logs, self.tasks)
+        writer = LogWriter(logs, self.tasks, display.board)
         done = threading.Event()
+        errors: List[str] = []        # what failed the run itself: the scheduler's crash, this loop's
         limits = Limits(executor.max_jobs_queued, executor.max_jobs_pending, executor.retries_on_worker_loss)
-        scheduler = SchedulerActor.start(g, backend, done, limits)
+        scheduler = SchedulerActor.start(g, backend, done, limits, feed=feed, crash=errors)
         backend.bind(scheduler, g)
         interrupted = False
         quit_by_key = []
@@ -201,37 +208,51 @@ class Pipeline:
             while not backend.wait(done, self.refreshrate):
                 if not scheduler.is_alive():
                     break
-                writer.poll()
                 display.refresh()
+                writer.poll()
         except KeyboardInterrupt:
             interrupted = True
             display.close()
             if not self.quiet:
                 print("\nInterrupted: cancelling the run ...", file=sys.stderr, flush=True)
-            try:
-                scheduler.tell(Cancel("interrupted (Ctrl-C / SIGTERM)"))
-                done.wait(10)
-            except Exception:
-                pass
+            _tell(scheduler, Cancel("interrupted (Ctrl-C / SIGTERM)"))
+            done.wait(10)
+        except Exception as e:
+            errors.append(f"the pipeline's loop failed:\n{traceback.format_exc()}")
+            _tell(scheduler, Cancel(f"the pipeline's loop failed: {type(e).__name__}: {e}"))
+            done.wait(10)
         finally:
             if keys is not None:
                 keys.stop()
+                errors += keys.errors
             display.close()
-            try:
-                scheduler.stop(timeout=10)
-            except Exception:
-                pass
+            self._end(scheduler, done, errors)
             backend.close()
             _restore_sigterm(previous)
-        for t in self.tasks:      # the scheduler died: nothing may stay non-terminal
-            if not t.is_in_terminal_state:
-                t._status, t.reason = TaskStatus.CANCELED, t.reason or "the run ended before this task"
+        display.board.update()
         writer.poll(final=True)
+        writer.write_errors(errors + display.errors)
         ok = all(t._status in SUCCESSFUL_TERMINAL_STATES for t in self.tasks) and not interrupted \
-            and not quit_by_key
+            and not quit_by_key and not errors and not display.errors
         code = 0 if ok else 1
-        display.final(code)
+        display.final(code, errors)
         return code
+
+    def _end(self, scheduler, done: threading.Event, errors: List[str]) -> None:
+        """Stop the scheduler. A task it has not ended yet (the run stopped early) it cancels first,
+        as the only writer of task states; one it could not reach is reported."""
+        if scheduler.is_alive() and not done.is_set():
+            try:
+                scheduler.ask(Cancel("the run ended before this task"), timeout=10)
+            except Exception as e:
+                errors.append(f"the scheduler did not answer at the end of the run: {type(e).__name__}: {e}")
+        try:
+            scheduler.stop(timeout=10)
+        except Exception as e:
+            errors.append(f"the scheduler did not stop: {type(e).__name__}: {e}")
+        left = sum(1 for t in self.tasks if not t.is_in_terminal_state)
+        if left:
+            errors.append(f"{left} task(s) never ended: the scheduler stopped before it could end them")
 
     def explain(self) -> List[Tuple[Task, Optional[str]]]:
         """For each task, in registration order: why it would run now, or None if it would be
@@ -239,27 +260,12 @@ class Pipeline:
         g = self.validate()
         would = [False] * len(g)
         decisions: List[Optional[str]] = [None] * len(g)
-        indeg = [len(d) for d in g.deps]
-        order = [i for i, n in enumerate(indeg) if n == 0]
-        k = 0
-        while k < len(order):          # topological order: upstream decisions are known first
-            i = order[k]
-            k += 1
+        for i in topological_order(g):     # upstream decisions are known first
             t = g.tasks[i]
-            try:
-                reason = t.run_reason(any(would[j] for j in g.deps[i]))
-            except Exception as e:
-                reason = f"cannot decide: {e}"
-            if reason == "an upstream task ran":
-                reason = "an upstream task would run"
-            decisions[i] = reason
-            would[i] = reason is not None
-            t.reason = reason if reason is not None else (
-                "up to date" if t.products and t.buildmode != BuildMode.NEVER else f"build mode {t.buildmode.name}")
-            for j in g.dependents[i]:
-                indeg[j] -= 1
-                if indeg[j] == 0:
-                    order.append(j)
+            d = decide(t, any(would[j] for j in g.deps[i]), planning=True)
+            t.reason = d.reason
+            would[i] = d.run or d.error     # undecidable: it would be tried (and fail) in a run
+            decisions[i] = d.reason if would[i] else None
         return list(zip(g.tasks, decisions))
 
     def _dry_run(self) -> int:
@@ -268,6 +274,14 @@ class Pipeline:
             text = render_dry_run([t for t, _ in plan], [r for _, r in plan], color=_isatty(sys.stdout))
             print(text, flush=True)
         return 0
+
+
+def _tell(actor, msg) -> None:
+    """Tell the scheduler, if it still runs (if not, its crash already ended every task)."""
+    try:
+        actor.tell(msg)
+    except pykka.ActorDeadError:
+        pass
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -145,22 +145,27 @@ def _missing_input(t: Task, d: Path) -> str:
     return f"Task {t.label}: {where} = {str(d)!r} does not exist and no task produces it"
 
 
-def check_acyclic(g: Graph) -> None:
-    """Kahn's algorithm; on a cycle, name the tasks on one."""
+def topological_order(g: Graph) -> List[int]:
+    """Kahn's algorithm: every task after the tasks it depends on (those on a cycle left out)."""
     indeg = [len(d) for d in g.deps]
-    stack = [i for i, d in enumerate(indeg) if d == 0]
-    seen = 0
-    while stack:
-        i = stack.pop()
-        seen += 1
-        for j in g.dependents[i]:
+    order = [i for i, d in enumerate(indeg) if d == 0]
+    k = 0
+    while k < len(order):
+        for j in g.dependents[order[k]]:
             indeg[j] -= 1
             if indeg[j] == 0:
-                stack.append(j)
-    if seen == len(g):
+                order.append(j)
+        k += 1
+    return order
+
+
+def check_acyclic(g: Graph) -> None:
+    """On a cycle, name the tasks on one."""
+    order = topological_order(g)
+    if len(order) == len(g):
         return
     # walk backwards from a task left over until a task repeats: that is a cycle
-    left = {i for i, d in enumerate(indeg) if d > 0}
+    left = set(range(len(g))) - set(order)
     i = next(iter(left))
     path: List[int] = []
     pos: Dict[int, int] = {}

@@ -142,7 +142,7 @@ class SchedulerActor(pykka.ThreadingActor):
         """A handler raised: the run cannot go on. End every task with the reason (directly: the
         transitions may be what failed), cancel what the backend holds, keep the traceback."""
         text = "".join(traceback.format_exception(exception_type, exception_value, tb))
-        log.error("the scheduler failed:\n%s", text)
+        log.debug("the scheduler failed:\n%s", text)   # the run's summary shows it
         self.crash.append(f"the scheduler failed:\n{text}")
         reason = f"the scheduler failed: {exception_type.__name__}: {exception_value}"
         try:

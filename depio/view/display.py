@@ -1,4 +1,4 @@
-"""What a run shows: the task table, the live view on a terminal, the failure summary, dry runs.
+"""What a run shows while it runs (the tables and summaries themselves are in `table.py`):
 
 - Not a terminal (batch job, CI, pipe, file): no escape codes at all. The README's task table at
   the start and at the end, and between them one short progress line at most every
@@ -11,23 +11,22 @@
 """
 from __future__ import annotations
 
-import atexit
 import os
 import re
-import select
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
-from typing import Callable, List, Optional, Sequence, TextIO
+from typing import List, Optional, Sequence, TextIO
 
-from tabulate import tabulate
+from ..Task import Task
+from ..TaskStatus import TaskStatus, FAILED_TERMINAL_STATES
+from .board import Board
+from .table import (_ANSI, _RESET, _colored, counts_text, failure_report, render_dry_run, render_table,
+                    summary_line, _rel)
+from .keys import KeyReader
 
-from ..Task import Task, _status_colors
-from ..TaskStatus import TaskStatus, FAILED_TERMINAL_STATES, TERMINAL_STATES
-
-_ANSI = {"blue": "\033[34m", "yellow": "\033[33m", "green": "\033[32m", "red": "\033[31m", "white": "\033[37m"}
-_RESET = "\033[0m"
 _BOLD = "\033[1m"
 _DIM = "\033[2m"
 HOME = "\033[H"
@@ -38,28 +37,8 @@ HIDE_CURSOR = "\033[?25l"
 SHOW_CURSOR = "\033[?25h"
 _ESC_RE = re.compile(r"\033\[[0-9;?]*[A-Za-z]")
 
-HEADERS = ["ID", "Name", "Slurm ID", "Slurm Status", "Status", "Task Deps.", "Path Deps.", "Products"]
 PROGRESS_INTERVAL = 5.0     # seconds between progress lines when not on a terminal
 RECENT_FAILURES = 3
-REPORT_TAIL_LINES = 40      # lines of a failed task's output shown when a log file holds the rest
-
-# order and labels of the counts in progress lines
-_COUNT_ORDER = [TaskStatus.FINISHED, TaskStatus.SKIPPED, TaskStatus.RUNNING, TaskStatus.PENDING,
-                TaskStatus.WAITING, TaskStatus.HOLD, TaskStatus.FAILED, TaskStatus.DEPFAILED, TaskStatus.CANCELED,
-                TaskStatus.UNKNOWN]
-_COUNT_LABEL = {TaskStatus.DEPFAILED: "dep. failed", TaskStatus.CANCELED: "cancelled"}
-
-
-def _label(s: TaskStatus) -> str:
-    return _COUNT_LABEL.get(s, s.name.lower())
-
-
-def _colored(text: str, color: str, on: bool) -> str:
-    return f"{_ANSI.get(color, '')}{text}{_RESET}" if on and color in _ANSI else text
-
-
-def _paths(paths) -> str:
-    return str([str(p) for p in paths or []])
 
 
 def hms(seconds: float) -> str:
@@ -93,126 +72,6 @@ def fit(line: str, width: int) -> str:
     return "".join(out) + (_RESET if "\033[" in line else "")
 
 
-# ---------------------------------------------------------------- the README table
-
-def task_rows(tasks: Sequence[Task], color: bool, hide_successful: bool = False, limit: Optional[int] = None,
-              reason: bool = False) -> List[list]:
-    rows = []
-    for t in tasks:
-        s = t._status
-        if hide_successful and s in (TaskStatus.FINISHED, TaskStatus.SKIPPED):
-            continue
-        if limit is not None and len(rows) >= limit:
-            break
-        text = _colored(s.name, t.statuscolor(s), color)
-        row = [t._queue_id, t.name, t._slurmid, t._slurmstate, text,
-               str([d._queue_id for d in t.task_dependencies or []]),
-               _paths(t.path_dependencies), _paths(t.products)]
-        if reason:
-            row.append(t.reason or "")
-        rows.append(row)
-    return rows
-
-
-def _count_shown(tasks: Sequence[Task], hide_successful: bool) -> int:
-    if not hide_successful:
-        return len(tasks)
-    return sum(1 for t in tasks if t._status not in (TaskStatus.FINISHED, TaskStatus.SKIPPED))
-
-
-def render_table(tasks: Sequence[Task], color: bool = False, hide_successful: bool = False,
-                 limit: Optional[int] = None, reason: bool = False) -> str:
-    """`Tasks:` and the README's columns (plus `Reason` when asked: terminals and dry runs only)."""
-    rows = task_rows(tasks, color, hide_successful, limit, reason)
-    cut = ""
-    if limit is not None:
-        shown = _count_shown(tasks, hide_successful)
-        if shown > len(rows):
-            cut = f"\n  ... {shown - len(rows)} more tasks not shown"
-    headers = HEADERS + (["Reason"] if reason else [])
-    return "Tasks:\n" + tabulate(rows, headers=headers, tablefmt="plain") + cut
-
-
-def counts_text(counts: Counter, color: bool = False, sep: str = ", ") -> str:
-    parts = []
-    for s in _COUNT_ORDER:
-        if counts.get(s):
-            parts.append(_colored(f"{counts[s]} {_label(s)}", _status_colors.get(s, ""), color))
-    return sep.join(parts)
-
-
-def summary_line(tasks: Sequence[Task], elapsed: float) -> str:
-    """One short progress line (no escape codes)."""
-    counts = Counter(t._status for t in tasks)
-    return f"[{elapsed:7.1f}s] {len(tasks)} tasks: " + counts_text(counts)
-
-
-# ---------------------------------------------------------------- the failure summary
-
-def _tail(text: str, n: int) -> str:
-    lines = text.rstrip().splitlines()
-    if len(lines) <= n:
-        return "\n".join(lines)
-    return f"... ({len(lines) - n} earlier lines in the log file)\n" + "\n".join(lines[-n:])
-
-
-def _rel(path) -> str:
-    try:
-        r = os.path.relpath(path)
-        return r if not r.startswith("..") else str(path)
-    except ValueError:
-        return str(path)
-
-
-def failure_report(tasks: Sequence[Task], log_folder=None) -> str:
-    """Each failed task's error with traceback, then its stdout and stderr (and their log files)."""
-    out = []
-    for t in tasks:
-        if t._status is not TaskStatus.FAILED:
-            continue
-        err = t.error or {}
-        out.append(f"---- FAILED: {t.label}: {t.reason or err.get('summary', '')}")
-        if err.get("traceback"):
-            out.append(err["traceback"].rstrip())
-        if t.worker:
-            out.append(f"(ran on {t.worker}, attempt {t.attempts})")
-        for what, text, path in (("stdout", t.get_stdout(), getattr(t, "stdout_path", None)),
-                                 ("stderr", t.get_stderr(), getattr(t, "stderr_path", None))):
-            if not text:
-                out.append(f"-- {what}: (empty)")
-            elif path:
-                out.append(f"-- {what} (log file {_rel(path)}):\n" + _tail(text, REPORT_TAIL_LINES))
-            else:
-                out.append(f"-- {what}:\n" + text.rstrip())
-    depfailed = [t for t in tasks if t._status is TaskStatus.DEPFAILED]
-    canceled = [t for t in tasks if t._status is TaskStatus.CANCELED]
-    if depfailed:
-        out.append(f"{len(depfailed)} task(s) not run because a dependency failed (DEPFAILED): "
-                   + "; ".join(f"{t.label}: {t.reason}" for t in depfailed[:5])
-                   + (" ..." if len(depfailed) > 5 else ""))
-    if canceled:
-        out.append(f"{len(canceled)} task(s) cancelled: {canceled[0].reason}")
-    if out and log_folder is not None:
-        out.append(f"Task logs of this run: {_rel(log_folder)}/")
-    return "\n".join(out)
-
-
-# ---------------------------------------------------------------- dry run
-
-def render_dry_run(tasks: Sequence[Task], decisions: Sequence[Optional[str]], color: bool = False) -> str:
-    """The plan of a dry run: for each task, run or skip, and why."""
-    rows = []
-    for t, reason in zip(tasks, decisions):
-        action = "run" if reason is not None else "skip"
-        rows.append([t._queue_id, t.name, _colored(action, "yellow" if reason is not None else "green", color),
-                     reason if reason is not None else (t.reason or "up to date"),
-                     str([d._queue_id for d in t.task_dependencies or []]), _paths(t.products)])
-    n_run = sum(1 for r in decisions if r is not None)
-    table = tabulate(rows, headers=["ID", "Name", "Action", "Reason", "Task Deps.", "Products"], tablefmt="plain")
-    return (f"Dry run (nothing is executed):\nTasks:\n{table}\n"
-            f"{len(tasks)} task(s): {n_run} would run, {len(tasks) - n_run} would be skipped.")
-
-
 # ---------------------------------------------------------------- the live view
 
 def progress_bar(counts: Counter, total: int, width: int, color: bool, unicode: bool) -> str:
@@ -239,12 +98,13 @@ def progress_bar(counts: Counter, total: int, width: int, color: bool, unicode: 
 
 def live_lines(tasks: Sequence[Task], *, name: str, elapsed: float, eta: Optional[float], width: int,
                height: int, paused: bool, note: str, hide_successful: bool, color: bool = True,
-               unicode: bool = True, keys: bool = True) -> List[str]:
+               unicode: bool = True, keys: bool = True, board: Optional[Board] = None) -> List[str]:
     """The frame of the live view, at most `height` lines (each may still need `fit`)."""
     now = time.time()
     total = len(tasks)
-    counts = Counter(t._status for t in tasks)
-    ended = sum(counts.get(s, 0) for s in TERMINAL_STATES)
+    board = board or Board(tasks)
+    counts = board.counts
+    ended = board.ended_count()
     pct = 100.0 * ended / total if total else 100.0
     head = f"{_BOLD}depio{_RESET} {name}  {ended}/{total} done  elapsed {hms(elapsed)}  " \
            f"ETA {hms(eta) if eta is not None else '--:--'}"
@@ -257,7 +117,7 @@ def live_lines(tasks: Sequence[Task], *, name: str, elapsed: float, eta: Optiona
     bar_w = max(10, min(40, width - 60))
     lines = [head, f"[{progress_bar(counts, total, bar_w, color, unicode)}] {pct:5.1f}%  "
                    + counts_text(counts, color, "  ")]
-    running = [t for t in tasks if t._status is TaskStatus.RUNNING]
+    running = board.running_tasks()
     budget = max(3, height - 4)
     if running:
         lines.append(f"Running ({len(running)}):")
@@ -269,7 +129,7 @@ def live_lines(tasks: Sequence[Task], *, name: str, elapsed: float, eta: Optiona
             lines.append(f"  #{t._queue_id:<5} {t.name[:30]:<30} {dur}{slurm}{where}")
         if len(running) > room:
             lines.append(f"  ... and {len(running) - room} more")
-    failed = [t for t in tasks if t._status is TaskStatus.FAILED]
+    failed = board.failed_tasks()
     if failed:
         failed.sort(key=lambda t: t.end_time or 0)
         lines.append(_colored(f"Failures ({len(failed)}), most recent:", "red", color))
@@ -280,7 +140,7 @@ def live_lines(tasks: Sequence[Task], *, name: str, elapsed: float, eta: Optiona
         footer = _ESC_RE.sub("", footer)
     room = height - len(lines) - (2 if footer else 1) - 1
     if room >= 3:
-        lines += render_table(tasks, color, hide_successful, limit=room - 1).splitlines()
+        lines += render_table(tasks, color, hide_successful, limit=room - 1, counts=counts).splitlines()
     if footer:
         lines.append(footer)
     return lines[:max(1, height)]
@@ -288,13 +148,17 @@ def live_lines(tasks: Sequence[Task], *, name: str, elapsed: float, eta: Optiona
 
 class Display:
     """Runs in the pipeline's main thread: `start()`, `refresh()` every `refreshrate` seconds,
-    `final(code)` once, `close()` on every exit path (restores the cursor)."""
+    `final(code)` once, `close()` on every exit path (restores the cursor). `feed`: the scheduler's
+    change feed (see `Board`). A frame that cannot be drawn is not fatal: the live view gives way to
+    plain progress lines (or, if those fail too, to nothing), and the traceback goes to `errors`,
+    which the final summary shows and which fails the run."""
 
     def __init__(self, tasks: Sequence[Task], stream: Optional[TextIO] = None, quiet: bool = False,
                  clear_screen: bool = True, hide_successful: bool = False, refreshrate: float = 1.0,
                  name: str = "", live: Optional[bool] = None, keys: bool = False,
-                 progress_interval: float = PROGRESS_INTERVAL):
+                 progress_interval: float = PROGRESS_INTERVAL, feed=None):
         self.tasks = tasks
+        self.board = Board(tasks, feed)
         self.stream = stream or sys.stdout
         self.quiet = quiet
         self.tty = _isatty(self.stream)
@@ -310,6 +174,8 @@ class Display:
         self.paused = False
         self.note = ""
         self.log_folder = None
+        self.errors: List[str] = []       # tracebacks of what the view could not draw
+        self._silent = False              # even plain output failed: draw nothing more
         self._frame_lines = 0
         self._live_on = False
         self._lock = threading.Lock()
@@ -321,7 +187,7 @@ class Display:
         try:
             self.stream.write(text)
             self.stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError):     # the terminal or pipe went away: the run goes on
             pass
 
     def _size(self):
@@ -333,37 +199,38 @@ class Display:
 
     def eta(self) -> Optional[float]:
         """Time left, from the throughput of the tasks that ran so far (None until one ended)."""
-        ran = 0
-        left = 0
-        for t in self.tasks:
-            s = t._status
-            if s in (TaskStatus.FINISHED, TaskStatus.FAILED):
-                ran += 1
-            elif s not in TERMINAL_STATES:
-                left += 1
-        if not left:
-            return 0.0
-        if not ran:
-            return None
-        return (time.monotonic() - self.started) * left / ran
+        return self.board.eta(time.monotonic() - self.started)
+
+    def _failed(self, what: str) -> None:
+        """Drawing raised: keep the traceback, fall back to plain lines, or to nothing."""
+        self.errors.append(f"the view failed {what}:\n{traceback.format_exc()}")
+        if self._live_on:
+            self._live_on = False
+            self._write(_RESET + SHOW_CURSOR + "\n")
+        else:
+            self._silent = True
 
     def start(self) -> None:
         if self.quiet:
             return
         with self._lock:
-            if self.live:
-                self._live_on = True
-                self._write(HIDE_CURSOR + (CLEAR_SCREEN if self.clear_screen else ""))
-                self._frame_lines = 0
-                self._draw()
-            else:
-                self._write(render_table(self.tasks, False, self.hide_successful) + "\n")
+            try:
+                if self.live:
+                    self._live_on = True
+                    self._write(HIDE_CURSOR + (CLEAR_SCREEN if self.clear_screen else ""))
+                    self._frame_lines = 0
+                    self._draw()
+                else:
+                    self._write(render_table(self.tasks, False, self.hide_successful) + "\n")
+            except Exception:
+                self._failed("to start")
 
     def _draw(self) -> None:
         width, height = self._size()
         lines = live_lines(self.tasks, name=self.name, elapsed=time.monotonic() - self.started, eta=self.eta(),
                            width=width, height=height - 1, paused=self.paused, note=self.note,
-                           hide_successful=self.hide_successful, unicode=self.unicode, keys=self.keys)
+                           hide_successful=self.hide_successful, unicode=self.unicode, keys=self.keys,
+                           board=self.board)
         if self.clear_screen:
             prefix = HOME
         elif self._frame_lines:
@@ -375,14 +242,19 @@ class Display:
         self._frame_lines = len(lines)
 
     def refresh(self) -> None:
-        if self.quiet:
-            return
+        """Take in the scheduler's changes, then redraw (or print a progress line when due)."""
         with self._lock:
-            if self._live_on:
-                self._draw()
-            elif time.monotonic() - self.last_line >= self.progress_interval:
-                self.last_line = time.monotonic()
-                self._write(summary_line(self.tasks, time.monotonic() - self.started) + "\n")
+            self.board.update()
+            if self.quiet or self._silent:
+                return
+            try:
+                if self._live_on:
+                    self._draw()
+                elif time.monotonic() - self.last_line >= self.progress_interval:
+                    self.last_line = time.monotonic()
+                    self._write(summary_line(self.tasks, time.monotonic() - self.started, self.board.counts) + "\n")
+            except Exception:
+                self._failed("to draw")
 
     def _erase_live(self) -> None:
         if not self._live_on:
@@ -400,13 +272,25 @@ class Display:
                 self._live_on = False
                 self._write(_RESET + SHOW_CURSOR)
 
-    def final(self, code: int) -> None:
-        if self.quiet:
-            self.close()
-            return
+    def final(self, code: int, errors: Sequence[str] = ()) -> None:
+        """The final table and summary; `errors` (tracebacks of what failed the run itself: the
+        scheduler, the pipeline's loop) and the view's own come last, whatever `quiet` says."""
         with self._lock:
+            self.board.update()
             self._erase_live()
         self.close()
+        if not self.quiet:
+            try:
+                self._summary(code)
+            except Exception:
+                self.errors.append(f"the view failed to write the summary:\n{traceback.format_exc()}")
+        every = list(errors) + self.errors
+        if every:
+            self._write("".join(f"---- THE RUN FAILED: {e.rstrip()}\n" for e in every))
+            if self.quiet or code == 0:
+                self._write("Exit 1.\n")
+
+    def _summary(self, code: int) -> None:
         color = self.tty
         self._write(render_table(self.tasks, color, self.hide_successful, reason=self.tty) + "\n")
         report = failure_report(self.tasks, self.log_folder)
@@ -415,7 +299,7 @@ class Display:
         if self.tty:
             logs = f" Task logs: {_rel(self.log_folder)}/" if self.log_folder and not report else ""
             self._write(f"Elapsed {hms(time.monotonic() - self.started)}.{logs}\n")
-        if code == 0:
+        if code == 0 and not self.errors:
             self._write("All jobs done! Exit.\n")
         else:
             failed = sum(1 for t in self.tasks if t._status in FAILED_TERMINAL_STATES)
@@ -429,69 +313,5 @@ def _isatty(stream) -> bool:
         return False
 
 
-# ---------------------------------------------------------------- keys on a terminal
-
-class KeyReader:
-    """Reads single keys from a terminal stdin in cbreak mode (no Enter needed, Ctrl-C still works)
-    in a daemon thread and hands each to `on_key`. `stop()` restores the terminal; it is also
-    registered with atexit, so every exit path leaves the terminal as it was."""
-
-    def __init__(self, on_key: Callable[[str], None], stream: Optional[TextIO] = None):
-        self.on_key = on_key
-        self.stream = stream or sys.stdin
-        self.fd: Optional[int] = None
-        self.saved = None
-        self.thread: Optional[threading.Thread] = None
-        self._stop = threading.Event()
-
-    def start(self) -> bool:
-        """False (and nothing changed) unless stdin is a terminal this process owns the foreground of."""
-        try:
-            import termios
-            import tty
-            fd = self.stream.fileno()
-            if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
-                return False       # a background job must not touch the terminal (SIGTTOU)
-            self.saved = termios.tcgetattr(fd)
-            tty.setcbreak(fd, termios.TCSANOW)
-        except Exception:
-            self.saved = None
-            return False
-        self.fd = fd
-        atexit.register(self.stop)
-        self.thread = threading.Thread(target=self._loop, name="depio-keys", daemon=True)
-        self.thread.start()
-        return True
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                r, _, _ = select.select([self.fd], [], [], 0.1)
-                if not r:
-                    continue
-                data = os.read(self.fd, 64)
-            except (OSError, ValueError):
-                return
-            if not data:
-                return
-            for ch in data.decode("utf-8", "ignore"):
-                try:
-                    self.on_key(ch)
-                except Exception:
-                    pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(1.0)
-        if self.saved is not None and self.fd is not None:
-            try:
-                import termios
-                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
-            except Exception:
-                pass
-            self.saved = None
-        try:
-            atexit.unregister(self.stop)
-        except Exception:
-            pass
+__all__ = ["Display", "KeyReader", "render_table", "render_dry_run", "failure_report", "live_lines", "summary_line",
+           "fit", "visible_len", "hms"]

@@ -157,25 +157,46 @@ class RunLogs:
 
 
 class LogWriter:
-    """Writes each task's logs once, as soon as it has ended (called from the pipeline's loop)."""
+    """Writes each task's logs once, as soon as it has ended (called from the pipeline's loop).
+    With a `board` (see `board.py`) it reads the tasks that ended since the last pass; without one
+    it checks every task not yet written."""
 
-    def __init__(self, logs: RunLogs, tasks: Sequence):
+    def __init__(self, logs: RunLogs, tasks: Sequence, board=None):
         self.logs = logs
         self.tasks = tasks
+        self.board = board
         self.todo = list(range(len(tasks))) if logs.enabled else []
+        self.written = bytearray(len(tasks))
+
+    def _write(self, i: int) -> None:
+        t = self.tasks[i]
+        if not self.written[i] and (t.start_time is not None or t.get_stdout() or t.get_stderr()):
+            self.logs.write(t)
+        self.written[i] = 1
 
     def poll(self, final: bool = False) -> None:
         if not self.todo:
             return
-        left = []
+        if self.board is not None and not final:
+            for i in self.board.take_ended():
+                self._write(i)
+            return
         for i in self.todo:
-            t = self.tasks[i]
-            if t.is_in_terminal_state or final:
-                if t.start_time is not None or t.get_stdout() or t.get_stderr():
-                    self.logs.write(t)
-            else:
-                left.append(i)
-        self.todo = left
+            if final or self.tasks[i].is_in_terminal_state:
+                self._write(i)
+        self.todo = [i for i in self.todo if not self.written[i]]
+
+    def write_errors(self, errors: Sequence[str]) -> Optional[Path]:
+        """What failed the run itself (the scheduler, the view), next to the task logs."""
+        if not errors or not self.logs.enabled:
+            return None
+        path = self.logs.folder / "run-errors.txt"
+        try:
+            path.write_text("\n\n".join(e.rstrip() for e in errors) + "\n", encoding="utf-8")
+        except OSError as e:
+            log.warning("cannot write %s: %s", path, e)
+            return None
+        return path
 
 
 __all__ = ["RunLogs", "LogWriter", "log_root", "list_runs", "safe_name", "task_file_stem", "LOG_DIR_ENV",
