@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--runs", action="store_true", help="list the runs kept")
     lg.add_argument("--dir", help="the logs folder [$DEPIO_LOG_DIR or .depio/logs]")
     lg.set_defaults(func=_cmd_logs)
-    from .pool import add_pool_commands           # `depio pool start|status|stop` (depio/pool/)
+    from .pool.cli import add_pool_commands       # `depio pool start|status|stop` (depio/pool/cli.py)
     add_pool_commands(sub)
     k = sub.add_parser("key", help="write a new protocol key file (mode 600)")
     k.add_argument("file", help="where to write it")
