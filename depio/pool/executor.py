@@ -11,8 +11,8 @@ from .registry import POOL_ENV, resolve_pool
 
 class PoolExecutor(AbstractTaskExecutor):
     """Run a pipeline's tasks on a running pool: `PoolExecutor("default")`, a connection file, or a
-    client address (`tcp://host:port`, key from `key_file` or $DEPIO_KEY). A run whose pool goes
-    away fails its in-flight tasks at once."""
+    client address (`tcp://host:port`, key from `key_file` or $DEPIO_KEY). If the pool goes away
+    during a run, the run fails and says so."""
 
     def __init__(self, pool: str = "default", key_file: Optional[str] = None, max_jobs_pending: Optional[int] = None,
                  max_jobs_queued: Optional[int] = None, retries_on_worker_loss: int = 1,
