@@ -18,6 +18,7 @@ from .Task import Task
 from .TaskStatus import TaskStatus, SUCCESSFUL_TERMINAL_STATES
 from .runtime.backends import InlineBackend
 from .runtime.decide import decide
+from .runtime.identity import compute_hash
 from .runtime.transitions import ChangeFeed
 from .view.display import Display, KeyReader, render_dry_run
 from .view.logs import LogWriter, RunLogs
@@ -62,7 +63,7 @@ class Pipeline:
         if h is None:
             try:
                 # Task's own hash without the two calls of hash() -> __hash__ (a subclass may have its own)
-                h = task._hash = task._compute_hash() if type(task) is Task else hash(task)
+                h = task._hash = compute_hash(task) if type(task) is Task else hash(task)
             except TypeError:            # an argument that cannot be hashed even in frozen form
                 h = None
         bucket = self._by_hash.get(h) if h is not None else tasks

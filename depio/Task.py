@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import inspect
 import pickle
-import sys
 import time
 import typing
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Annotated, Any, Callable, Dict, Iterable, List, Optional, Union, get_args, get_origin
 
 from .BuildMode import BuildMode
 from .TaskStatus import TaskStatus, TERMINAL_STATES, SUCCESSFUL_TERMINAL_STATES, FAILED_TERMINAL_STATES
+from .runtime.decide import build_reason
+from .runtime.identity import _MISSING, _FunctionPlan, _as_paths, _collect_paths, _freeze, _plan_for, _plans  # noqa: F401
+from .runtime.identity import compute_hash, task_key
+from .view.status import _status_colors, _status_texts
 from .exceptions import (DependencyNotMetException, ProductNotProducedException, ProductNotUpdatedException,
                          TaskRaisedExceptionException, UnknownStatusException)
 
@@ -31,33 +34,6 @@ class Dependency:
 
 class IgnoredForEq:
     """Marker: the argument does not make two calls different (e.g. a verbosity flag)."""
-
-
-_status_colors: Dict[TaskStatus, str] = {
-    TaskStatus.WAITING: 'blue',
-    TaskStatus.DEPFAILED: 'red',
-    TaskStatus.PENDING: 'blue',
-    TaskStatus.RUNNING: 'yellow',
-    TaskStatus.FINISHED: 'green',
-    TaskStatus.SKIPPED: 'green',
-    TaskStatus.HOLD: 'white',
-    TaskStatus.FAILED: 'red',
-    TaskStatus.CANCELED: 'white',
-    TaskStatus.UNKNOWN: 'white',
-}
-
-_status_texts: Dict[TaskStatus, str] = {
-    TaskStatus.WAITING: 'waiting',
-    TaskStatus.PENDING: 'pending',
-    TaskStatus.RUNNING: 'running',
-    TaskStatus.FINISHED: 'finished',
-    TaskStatus.SKIPPED: 'skipped',
-    TaskStatus.FAILED: 'failed',
-    TaskStatus.DEPFAILED: 'dep. failed',
-    TaskStatus.CANCELED: 'cancelled',
-    TaskStatus.HOLD: 'hold',
-    TaskStatus.UNKNOWN: 'unknown',
-}
 
 
 # ---------------------------------------------------------------- helpers of the 0.1.x API
@@ -113,130 +89,6 @@ def _get_not_updated_products(product_timestamps_after_running: Dict,
 
 
 # ---------------------------------------------------------------- per-function plan (cached)
-
-_SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
-
-
-class _Missing:
-    """Hash stand-in for an argument a call does not have; one instance, kept by copy and pickle
-    (a copied task must hash as the original does)."""
-    __slots__ = ()
-
-    def __reduce__(self) -> str:
-        return "_MISSING"
-
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING = _Missing()
-_NO_EXTRAS = frozenset()   # the extra-keyword part of the hash when there are none
-
-
-class _FunctionPlan:
-    """What depio needs to know about a function, computed once per function.
-
-    `*_slots` say where each named argument sits in a call, as (name, position, default):
-    looking a value up through them gives what `_args_dict.get(name)` would, without building
-    the dict (a Task is built 100,000 times; the function's signature is read once)."""
-
-    __slots__ = ('func', 'positional', 'products', 'dependencies', 'ignored', 'defaults',
-                 'product_slots', 'dependency_slots', 'hash_slots', 'hash_names', 'hash_arity')
-
-    def __init__(self, func: Callable):
-        self.func = func
-        self.positional = _positional_names(func)
-        self.products = tuple(n for n in _parse_annotation_for_metaclass(func, Product) if n != 'return')
-        self.dependencies = tuple(n for n in _parse_annotation_for_metaclass(func, Dependency) if n != 'return')
-        self.ignored = frozenset(_parse_annotation_for_metaclass(func, IgnoredForEq))
-        # defaults of annotated file arguments count: f() with a default product still produces it
-        self.defaults: Dict[str, Any] = {}
-        try:
-            for p in inspect.signature(func).parameters.values():
-                if p.default is not p.empty and (p.name in self.products or p.name in self.dependencies):
-                    self.defaults[p.name] = p.default
-        except (TypeError, ValueError):
-            pass
-        position = {n: k for k, n in enumerate(self.positional)}
-        nowhere = sys.maxsize      # not positional: only a keyword or a default can give a value
-
-        def slot(name: str, missing: Any) -> tuple:
-            return name, position.get(name, nowhere), self.defaults.get(name, missing)
-
-        self.product_slots = tuple(slot(n, None) for n in self.products)
-        self.dependency_slots = tuple(slot(n, None) for n in self.dependencies)
-        # the names every call is hashed by, in a fixed order; any other keyword is hashed as a set
-        names = [n for n in self.positional if n not in self.ignored]
-        names += [n for n in self.defaults if n not in position and n not in self.ignored]
-        self.hash_slots = tuple(slot(n, _MISSING) for n in names)
-        self.hash_names = frozenset(names) | self.ignored
-        # a call with every positional argument given and no keyword is hashed straight from its
-        # arguments when those are exactly the hashed names, in order (the common decorated call)
-        self.hash_arity = len(names) if names == self.positional else -1
-
-
-_plans: Dict[int, _FunctionPlan] = {}
-
-
-def _plan_for(func: Callable) -> _FunctionPlan:
-    plan = _plans.get(id(func))
-    if plan is None or plan.func is not func:
-        plan = _FunctionPlan(func)
-        _plans[id(func)] = plan
-    return plan
-
-
-def _collect_paths(slots: tuple, args: List, kwargs: Dict[str, Any]) -> List[Path]:
-    """The paths in the named arguments of a call, in slot order: what
-    `[p for n in names for p in _as_paths(args_dict.get(n))]` gives, without the dict."""
-    nargs = len(args)
-    paths: List[Path] = []
-    for name, k, default in slots:
-        if kwargs and name in kwargs:
-            v = kwargs[name]
-        elif k < nargs:
-            v = args[k]
-        else:
-            v = default
-        if v is None:
-            continue
-        if isinstance(v, Path):
-            paths.append(v)
-        else:
-            paths += _as_paths(v)
-    return paths
-
-
-def _as_paths(value: Any) -> List[Path]:
-    if value is None:
-        return []
-    if isinstance(value, Path):
-        return [value]
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [v if isinstance(v, Path) else Path(v) for v in value if v is not None]
-    return [Path(value)]
-
-
-def _freeze(value: Any) -> Any:
-    """A hashable stand-in for an argument value, equal exactly when the values are equal."""
-    if type(value) in _SCALARS:
-        return value
-    if isinstance(value, PurePath):
-        return ('path', str(value))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_freeze(v) for v in value))
-    if isinstance(value, dict):
-        return ('dict', frozenset((k, _freeze(v)) for k, v in value.items()))
-    if isinstance(value, (set, frozenset)):
-        return ('set', frozenset(_freeze(v) for v in value))
-    try:
-        hash(value)
-        return value
-    except TypeError:
-        try:
-            return ('pickled', type(value).__qualname__, pickle.dumps(value, protocol=4))
-        except Exception:
-            return ('object', id(value))
 
 
 class Task:
@@ -352,9 +204,7 @@ class Task:
 
     # ------------------------------------------------------------ identity
     def _key(self):
-        """What makes two tasks equal: the function and the arguments not marked IgnoredForEq.
-        Not cached (only its hash is): it would cost hundreds of bytes per task."""
-        return (self.func, frozenset((k, _freeze(v)) for k, v in self.cleaned_args.items()))
+        return task_key(self)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Task):
@@ -369,40 +219,7 @@ class Task:
         return self._hash
 
     def _compute_hash(self) -> int:
-        """A hash of exactly what `_key()` compares (the function and the frozen `cleaned_args`),
-        read through the plan's slots instead of building the argument dict, the frozenset and a
-        tuple per argument: equal keys give equal hashes, which is all dedup needs."""
-        plan, args, kwargs = self._plan, self.func_args, self.func_kwargs
-        nargs = len(args)
-        values = []
-        if not kwargs and nargs == plan.hash_arity:     # the slots would read args in order
-            for v in args:
-                if type(v) in _SCALARS:
-                    values.append(v)
-                elif isinstance(v, PurePath):
-                    values.append(('path', str(v)))
-                else:
-                    values.append(_freeze(v))
-            return hash((self.func, tuple(values), _NO_EXTRAS))
-        # the same slot lookup as _collect_paths, inline: a shared helper costs ~3.5 us a task (18%)
-        for name, k, default in plan.hash_slots:
-            if kwargs and name in kwargs:
-                v = kwargs[name]
-            elif k < nargs:
-                v = args[k]
-            else:
-                v = default
-            if type(v) in _SCALARS:
-                values.append(v)
-            elif isinstance(v, PurePath):
-                values.append(('path', str(v)))      # _freeze(v), without the call
-            else:
-                values.append(_freeze(v))
-        extras = _NO_EXTRAS
-        if kwargs:
-            names = plan.hash_names
-            extras = frozenset((n, _freeze(v)) for n, v in kwargs.items() if n not in names)
-        return hash((self.func, tuple(values), extras))
+        return compute_hash(self)
 
     def __str__(self) -> str:
         return f"Task:{self.name}"
@@ -424,25 +241,8 @@ class Task:
         return self.run_reason() is not None
 
     def run_reason(self, upstream_ran: Optional[bool] = None) -> Optional[str]:
-        """Why the task must run (None: it is skipped).
-
-        `upstream_ran` is known to the scheduler during a run; before a run it is estimated
-        from the upstream tasks' own build modes."""
-        mode = self.buildmode
-        if mode == BuildMode.NEVER:
-            return None
-        if mode == BuildMode.ALWAYS:
-            return "build mode ALWAYS"
-        missing = self.missing_products()
-        if missing:
-            return f"product missing: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
-        if mode == BuildMode.IF_MISSING:
-            return None if self.products else "declares no products"
-        if mode == BuildMode.IF_NEW:
-            if upstream_ran is None:
-                upstream_ran = bool(self.task_dependencies) and any(t.should_run() for t in self.task_dependencies)
-            return "an upstream task ran" if upstream_ran else None
-        raise ValueError(f"Task {self.label}: unknown build mode {mode!r}")
+        """Why the task must run (None: it is skipped); see `runtime.decide.build_reason`."""
+        return build_reason(self, upstream_ran)
 
     # ------------------------------------------------------------ running in this process
     def run(self) -> None:

@@ -8,7 +8,8 @@ from typing import List, Optional, Sequence
 
 from tabulate import tabulate
 
-from ..Task import Task, _status_colors
+from ..Task import Task
+from .status import _status_colors
 from ..TaskStatus import TaskStatus
 
 _ANSI = {"blue": "\033[34m", "yellow": "\033[33m", "green": "\033[32m", "red": "\033[31m", "white": "\033[37m"}
