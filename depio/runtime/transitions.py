@@ -30,7 +30,10 @@ from ..TaskStatus import TaskStatus, TERMINAL_STATES, SUCCESSFUL_TERMINAL_STATES
 WAITING, PENDING, RUNNING = TaskStatus.WAITING, TaskStatus.PENDING, TaskStatus.RUNNING
 FINISHED, SKIPPED, FAILED = TaskStatus.FINISHED, TaskStatus.SKIPPED, TaskStatus.FAILED
 DEPFAILED, CANCELED = TaskStatus.DEPFAILED, TaskStatus.CANCELED
-_CUT_SHORT = frozenset({FAILED, DEPFAILED, CANCELED})   # ended without a result: end_time is now
+# by state value (`_value_`, a plain attribute: an Enum's hash is Python code, too slow per transition)
+_CUT_SHORT = [False] * (max(s.value for s in TaskStatus) + 1)    # ended without a result: end_time is now
+for _s in (FAILED, DEPFAILED, CANCELED):
+    _CUT_SHORT[_s.value] = True
 
 
 class IllegalTransition(AssertionError):
@@ -69,17 +72,23 @@ class TaskStates:
         self.in_flight = 0        # handed to the backend, not ended (pending included)
         self.remaining = n        # not terminal
         self.feed = feed if feed is not None else ChangeFeed()
-        self.table: Dict[Tuple[TaskStatus, TaskStatus], Callable[[int], None]] = {
+        pairs: Dict[Tuple[TaskStatus, TaskStatus], Callable[[int], None]] = {
             (WAITING, PENDING): self.waiting_pending,
             (PENDING, RUNNING): self.pending_running,
             (PENDING, WAITING): self.pending_waiting,
             (RUNNING, WAITING): self.running_waiting,
         }
         for end in (FINISHED, FAILED, DEPFAILED, CANCELED):
-            self.table[(PENDING, end)] = self.pending_ended
-            self.table[(RUNNING, end)] = self.running_ended
+            pairs[(PENDING, end)] = self.pending_ended
+            pairs[(RUNNING, end)] = self.running_ended
         for end in (SKIPPED, FAILED, DEPFAILED, CANCELED):
-            self.table[(WAITING, end)] = self.waiting_ended
+            pairs[(WAITING, end)] = self.waiting_ended
+        self.pairs = pairs
+        # the same, as table[from._value_][to._value_] (None: illegal), read on the hot path
+        size = max(s.value for s in TaskStatus) + 1
+        self.table: List[List[Optional[Callable[[int], None]]]] = [[None] * size for _ in range(size)]
+        for (a, b), f in pairs.items():
+            self.table[a.value][b.value] = f
 
     # ------------------------------------------------------------ the transitions
     def waiting_pending(self, i: int) -> None:
@@ -113,7 +122,7 @@ class TaskStates:
         """Task `i` goes to state `to` through the table's transition (`reason`, when given, is the
         task's new reason)."""
         status = self.status
-        f = self.table.get((status[i], to))
+        f = self.table[status[i]._value_][to._value_]
         if f is None:
             raise IllegalTransition(f"task {self.tasks[i].label}: no transition {status[i].name} -> {to.name}")
         f(i)
@@ -122,7 +131,7 @@ class TaskStates:
         t._status = to
         if reason is not None:
             t.reason = reason
-        if to in _CUT_SHORT and t.end_time is None and t.start_time is not None:
+        if _CUT_SHORT[to._value_] and t.end_time is None and t.start_time is not None:
             t.end_time = time.time()
         self.feed.append(i)
 
