@@ -4,7 +4,9 @@ One thread owns the DEALER socket: a thread of its own, or (`start(threaded=Fals
 actor's, whose inbox runs `turn()` while it waits (see `depio.runtime.inbox`), so that a result from a pool
 reaches the scheduler without a thread switch. Other threads hand it messages through a deque and a
 wake-up pipe; what arrives from the dispatcher goes to `on_message`. The owner sends heartbeats and
-declares the dispatcher gone after `liveness` silent intervals.
+declares the dispatcher gone after `liveness` silent intervals (`depio.runtime.liveness`); before
+the dispatcher's welcome, after `connect_timeout`. A bug in the loop ends the connection: `on_lost`
+hears why and `failure` keeps the exception and its traceback.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import zmq
 
 from . import protocol as P
 from .inbox import DrivenLoop, drain_pipe
+from .liveness import Liveness
 
 log = logging.getLogger("depio.client")
 
@@ -35,8 +38,7 @@ class DispatcherClient(DrivenLoop):
         self.on_message = on_message
         self.on_lost = on_lost
         self.ctx = context or zmq.Context.instance()
-        self.heartbeat = heartbeat
-        self.liveness = liveness
+        self.peer = Liveness(heartbeat, liveness)     # the dispatcher's welcome sets its own values
         self.connect_timeout = connect_timeout
         self.welcome: Optional[P.ClientWelcome] = None
         self._welcomed = threading.Event()
@@ -45,6 +47,15 @@ class DispatcherClient(DrivenLoop):
         self._outbox: Deque[object] = deque()
         self._wake_r = self._wake_w = -1
         self._own_pipe = True
+
+    @property
+    def heartbeat(self) -> float:
+        """The heartbeat interval (the inbox's keep-alive reads it)."""
+        return self.peer.interval
+
+    @property
+    def liveness(self) -> int:
+        return self.peer.liveness
 
     def start(self, threaded: bool = True, wake_pipe: Optional[Tuple[int, int]] = None) -> "DispatcherClient":
         """Connect and say hello; then serve the socket in a thread of its own, or, `threaded=False`,
@@ -63,7 +74,9 @@ class DispatcherClient(DrivenLoop):
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
-        self.last_sent = self.last_heard = time.monotonic()
+        now = time.monotonic()
+        self.peer.heard(now)
+        self.peer.sent(now)
         P.send_frames(sock, P.encode(P.ClientHello(self.name), self.key))
         if threaded:
             self._thread = threading.Thread(target=self._run, name="depio-client", daemon=True)
@@ -127,22 +140,19 @@ class DispatcherClient(DrivenLoop):
             if self._stop and not events:
                 self._finish(None)
                 return False
-            self._send_due_heartbeats(now)
-            limit = self.heartbeat * self.liveness if self.welcome else self.connect_timeout
-            if now - self.last_heard > limit:
-                self._finish(f"the dispatcher at {self.address} went silent ({now - self.last_heard:.1f} s "
+            if self.peer.heartbeat_due(now):      # the pool must not drop this pipeline
+                P.send_frames(self._sock, P.encode(P.Heartbeat(), self.key))
+                self.peer.sent(now)
+            if self.peer.expired(now) if self.welcome else self.peer.silence(now) > self.connect_timeout:
+                self._finish(f"the dispatcher at {self.address} went silent ({self.peer.silence(now):.1f} s "
                              f"without a heartbeat)")
                 return False
             return True
         except Exception as e:      # a bug here must not hang the pipeline: it hears why
             log.exception("dispatcher connection failed")
+            self._record_failure(e)
             self._finish(f"the connection to the dispatcher at {self.address} failed: {e!r}")
             return False
-
-    def _send_due_heartbeats(self, now: float) -> None:
-        if now - self.last_sent >= self.heartbeat:      # the pool must not drop this pipeline
-            P.send_frames(self._sock, P.encode(P.Heartbeat(), self.key))
-            self.last_sent = now
 
     def _close_here(self) -> None:
         self._send_outbox(time.monotonic())
@@ -154,7 +164,7 @@ class DispatcherClient(DrivenLoop):
         while self._outbox:
             msg = self._outbox.popleft()
             P.send_frames(self._sock, P.encode(msg, self.key))
-            self.last_sent = now
+            self.peer.sent(now)
             bye = bye or (self._stop and isinstance(msg, P.ClientBye))
         return bye
 
@@ -162,7 +172,7 @@ class DispatcherClient(DrivenLoop):
         """Hand on what arrived; the reason the connection ends, if it does."""
         while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             frames = P.recv_frames(self._sock)
-            self.last_heard = now
+            self.peer.heard(now)
             try:
                 msg = P.decode(frames, self.key, accept_refusal=True)
             except P.ProtocolError as e:
@@ -173,7 +183,7 @@ class DispatcherClient(DrivenLoop):
                 continue
             if isinstance(msg, P.ClientWelcome):
                 self.welcome = msg
-                self.heartbeat, self.liveness = msg.heartbeat_interval, msg.liveness
+                self.peer.interval, self.peer.liveness = msg.heartbeat_interval, msg.liveness
                 self._welcomed.set()
             elif isinstance(msg, P.Refused):
                 self._refused = msg.reason

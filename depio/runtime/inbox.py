@@ -20,7 +20,9 @@ import os
 import select
 import threading
 import time
+import traceback
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, Deque, Optional, Tuple
 
 
@@ -33,10 +35,18 @@ def drain_pipe(fd: int) -> None:
         pass
 
 
+@dataclass(frozen=True, slots=True)
+class LoopFailure:
+    """The bug that stopped a loop, with its formatted traceback, for whoever reports the run's end."""
+    error: BaseException
+    traceback: str
+
+
 class DrivenLoop:
     """What `Dispatcher` and `DispatcherClient` share: a thread of their own runs `turn()`, or the
     scheduler actor's thread does (through `DispatchingInbox`), and a keep-alive thread may run a turn
-    in between (`turn_aside`). A subclass implements `_turn(block)`."""
+    in between (`turn_aside`). A subclass implements `_turn(block)`; a bug in it that stops the loop is
+    kept in `failure`."""
 
     heartbeat: float
 
@@ -46,6 +56,11 @@ class DrivenLoop:
         self._thread: Optional[threading.Thread] = None     # its own thread, if it has one
         self._driver: Optional[threading.Thread] = None     # the thread that runs `turn()`
         self._driver_id = 0
+        self.failure: Optional[LoopFailure] = None
+
+    def _record_failure(self, error: BaseException) -> None:
+        """From the `except` clause that catches a bug in `_turn`."""
+        self.failure = LoopFailure(error, traceback.format_exc())
 
     @property
     def stopped(self) -> threading.Event:
@@ -76,17 +91,21 @@ class DrivenLoop:
             self._lock.release()
 
     def _await_stop(self, timeout: float, close: Callable[[], None]) -> None:
-        """After asking the loop to stop: join its own thread, or wait while the thread that drives it
-        lives. If it has not stopped and nobody drives it any more, its sockets are free: `close` here."""
+        """After asking the loop to stop: join its own thread, or wait for `stopped` while the thread
+        that drives it lives. If it has not stopped and nobody drives it any more, its sockets are
+        free: `close` here."""
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
             return
         driver = self._driver
         deadline = time.monotonic() + timeout
-        while driver is not None and driver is not threading.current_thread() and driver.is_alive() \
-                and not self._stopped.wait(0.02) and time.monotonic() < deadline:
-            pass
+        # the event wakes us as the loop stops; the slice of a heartbeat only bounds how long a
+        # driver that ends without stopping the loop goes unnoticed (a live driver turns within one)
+        while driver is not None and driver is not threading.current_thread() and driver.is_alive():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stopped.wait(min(left, self.heartbeat)):
+                break
         if not self._stopped.is_set() and not (driver is not None and driver.is_alive()):
             with self._lock:
                 close()
