@@ -60,6 +60,18 @@ class ChangeFeed:
         return out
 
 
+class _NoFeed:
+    """Nobody watches (a scheduler driven by hand): changes are not kept."""
+
+    @staticmethod
+    def append(i: int) -> None:
+        return None
+
+    @staticmethod
+    def drain() -> List[int]:
+        return []
+
+
 class TaskStates:
     """The state of each task of one run and the counters derived from them (see the module
     docstring). Used by the scheduler actor's thread only."""
@@ -71,7 +83,7 @@ class TaskStates:
         self.pending = 0          # handed to the backend, not seen to start
         self.in_flight = 0        # handed to the backend, not ended (pending included)
         self.remaining = n        # not terminal
-        self.feed = feed if feed is not None else ChangeFeed()
+        self.feed = feed if feed is not None else _NoFeed()
         pairs: Dict[Tuple[TaskStatus, TaskStatus], Callable[[int], None]] = {
             (WAITING, PENDING): self.waiting_pending,
             (PENDING, RUNNING): self.pending_running,
