@@ -121,10 +121,10 @@ class DispatcherClient(DrivenLoop):
 
     # ------------------------------------------------------------ the loop
     def _turn(self, block: bool) -> bool:
-        """One turn: wait (at most half a heartbeat; not at all when `block` is false or messages are
-        queued), send what is queued, hand on what arrived, keep the heartbeat."""
+        """One turn: wait (until the next heartbeat or expiry is due; not at all when `block` is false
+        or messages are queued), send what is queued, hand on what arrived, keep the heartbeat."""
         try:
-            wait = self.heartbeat * 500 if block and not self._outbox else 0
+            wait = max(0.0, self.peer.next_deadline() - time.monotonic()) * 1000 if block and not self._outbox else 0
             events = dict(self._poller.poll(wait))
             now = time.monotonic()
             if self._wake_r in events:
