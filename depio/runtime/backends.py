@@ -218,7 +218,7 @@ class InlineBackend(Backend):
 
 def _run_in_process(spec: P.TaskSpec, function_blob: bytes) -> P.TaskResult:
     """Module level so a ProcessPoolExecutor can pickle it; runs a spec with fd-level capture."""
-    from worker.slots import _run
+    from .execution import run_spec as _run
     from .execution import FdCapture
     global _capture
     try:

@@ -1,7 +1,7 @@
 """Running one task: check inputs, call the function, check products, capture its output.
 
-Shared by worker slot processes (which capture at the file-descriptor level, so output of C code
-and of child processes is caught too) and by in-process execution (SequentialExecutor, a user's
+Shared by worker slot processes (`run_spec`, which captures at the file-descriptor level, so output
+of C code and of child processes is caught too) and by in-process execution (SequentialExecutor, a user's
 `internal_executor`, `Task.run()`), which captures `sys.stdout`/`sys.stderr` per thread.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import linecache
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -17,9 +18,11 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+import cloudpickle
+
 from ..exceptions import (DependencyNotMetException, ProductNotProducedException, ProductNotUpdatedException,
                          TaskRaisedExceptionException, DepioError)
-from .protocol import TaskResult
+from .protocol import TaskResult, TaskSpec
 
 _EXCEPTIONS = {cls.__name__: cls for cls in (DependencyNotMetException, ProductNotProducedException,
                                              ProductNotUpdatedException, TaskRaisedExceptionException)}
@@ -122,6 +125,44 @@ class FdCapture:
             text = os.pread(fd, size - start, start).decode("utf-8", "replace")
             out.append(f"[... {start} bytes cut ...]\n{text}" if start else text)
         return out[0], out[1]
+
+
+VALUE_LIMIT = 1 << 20   # return values larger than this are not sent back
+
+
+def run_spec(spec: TaskSpec, functions: Dict[bytes, Callable], blobs: Dict[bytes, bytes], capture: FdCapture,
+             worker_name: str) -> TaskResult:
+    """Run one task spec in this process with fd-level capture and build its TaskResult (the return
+    value pickled, unless it is too big). `functions` caches unpickled functions by digest; a function
+    not in it yet is unpickled from (and removed from) `blobs`."""
+    started = time.time()
+    try:
+        func = functions.get(spec.func_digest)
+        if func is None:
+            func = functions[spec.func_digest] = cloudpickle.loads(blobs.pop(spec.func_digest))
+        args, kwargs = pickle.loads(spec.args)
+    except Exception as e:
+        return TaskResult(spec.key, spec.attempt, started, time.time(), "", "",
+                          {"kind": "TaskRaisedExceptionException", "type": type(e).__qualname__,
+                           "message": f"cannot load the task on worker {worker_name}: {e}",
+                           "traceback": traceback.format_exc(),
+                           "summary": f"cannot load the task on worker {worker_name}: {type(e).__name__}: {e}"},
+                          None, worker_name)
+    with capture:
+        error, value = call_task(func, args, kwargs, spec.name, spec.products, spec.dependencies)
+    out, err = capture.read()
+    blob = None
+    if value is not None:
+        try:
+            blob = pickle.dumps(value, protocol=5)
+        except Exception:
+            try:
+                blob = cloudpickle.dumps(value)
+            except Exception:
+                blob = None
+        if blob is not None and len(blob) > VALUE_LIMIT:
+            blob = None
+    return TaskResult(spec.key, spec.attempt, started, time.time(), out, err, error, blob, worker_name)
 
 
 # ---------------------------------------------------------------- capture in this process
@@ -234,4 +275,4 @@ def restore_source_lines(tb: str, func: Callable) -> str:
     return _DYNAMIC_FRAME.sub(repl, tb)
 
 
-__all__ = ["call_task", "execute_inline", "FdCapture", "error_to_exception"]
+__all__ = ["call_task", "execute_inline", "FdCapture", "error_to_exception", "run_spec"]
