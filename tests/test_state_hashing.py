@@ -115,6 +115,7 @@ CHANGES = {
     "helper of the same module": BASE.replace("return x / SCALE", "return x // SCALE"),
     "name": BASE.replace("str(total)", "repr(total)"),
     "docstring (text, not formatting)": BASE.replace("Train on data.", "Train on the data."),
+    "module constant it reads": BASE.replace("SCALE = 3", "SCALE = 4"),
 }
 
 

@@ -7,7 +7,8 @@ attributes of user modules it names, its closure, `__wrapped__`, and the methods
 Not hashed: line and position tables, file name, qualified name. So comments, blank lines, the
 indentation of continuation lines, re-wrapping an expression and moving the function in its file do
 not count; a changed constant, operator, name, default or called helper does. A docstring is a
-constant of the code object: editing one counts as a change (it is text, not formatting).
+constant of the code object: editing one counts as a change (it is text, not formatting). So does
+editing a module-level constant the function names (`SCALE = 3`) when it has a short exact repr.
 
 Code objects differ between Python versions, so the Python version is not part of the hash but is
 kept beside it (`PYTHON`, `MadeRecord.python`): only the caller can decide what a record made under
@@ -190,8 +191,13 @@ _own: "weakref.WeakKeyDictionary[types.FunctionType, str]" = weakref.WeakKeyDict
 _roots: "weakref.WeakKeyDictionary[Any, Tuple[str, CodeDesc]]" = weakref.WeakKeyDictionary()
 
 
+_CONSTANT_LIMIT = 1000
+
+
 def _own_hash(func: types.FunctionType) -> str:
-    """The function's own code, default values and non-function closure values."""
+    """The function's own code, default values, non-function closure values, and the module-level
+    constants it names that have a short exact repr (`SCALE = 3`: editing it is editing the code;
+    a large or opaque global is data, not code, and is left out)."""
     digest = _own.get(func)
     if digest is None:
         h = _new(CODE_DIGEST_SIZE)
@@ -201,6 +207,12 @@ def _own_hash(func: types.FunctionType) -> str:
         for v in _cell_values(func):
             if _unwrap(v) is None and not isinstance(v, type):
                 _put(h, _text(value_digest(v)))
+        g = func.__globals__
+        for name in sorted(_names(func.__code__, set())):
+            if name in g and not name.startswith("__"):
+                exact = canonical(g[name])
+                if exact is not None and len(exact) <= _CONSTANT_LIMIT:
+                    _put(h, _text(f"{name}={exact}"))
         digest = _own[func] = h.hexdigest()
     return digest
 

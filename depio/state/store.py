@@ -9,6 +9,16 @@ the working directory, wherever the logs go. `DEPIO_LOG_KEEP` (default 20, as fo
 how many runs the history keeps. Every write is one transaction (`BEGIN IMMEDIATE`, waiting up to
 `timeout` seconds for another pipeline's), so two pipelines in one folder work at once, and a
 process killed mid-run leaves whole transactions only.
+
+Tables (kept small: about 45 MB after one run of 100,000 one-input one-output tasks):
+
+    made       task key -> fingerprint, name, code (-> code), deps/args/products as one JSON text, time, accepted
+    code       code hash -> Python version, file, def line, function name, parts (the functions it reaches);
+               the version sits with the hash because a code hash means something only under it
+    hash_memo  path (relative to `base` when inside it) -> size, mtime_ns, inode, content hash; one row a path
+    runs       run id, script, cwd, host, pid, start, end, counts by status, log folder
+    run_tasks  run, seq -> task key, name, start/end (ms from the run's start), worker, host, Slurm job id,
+               attempts, status, reason
 """
 from __future__ import annotations
 
@@ -276,7 +286,7 @@ class StateStore:
             start = time.time()
             cur = db.execute("INSERT INTO runs(id, script, cwd, host, pid, start, log_dir) VALUES (?,?,?,?,?,?,?)",
                              (run_id, script, cwd or os.getcwd(), socket.gethostname(), os.getpid(), start,
-                              str(log_dir) if log_dir else None))
+                              os.path.abspath(log_dir) if log_dir else None))
             self._run_nums[run_id] = (cur.lastrowid, start)
         self.prune_runs(keep)
         return run_id
