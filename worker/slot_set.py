@@ -28,12 +28,15 @@ class SlotSet:
     def __init__(self, worker_name: str, kill_grace: float) -> None:
         self.worker_name = worker_name
         self.kill_grace = kill_grace
-        self.starter: SlotStarter = slot_context()    # before this process has a ZeroMQ context
+        self.starter: Optional[SlotStarter] = None
         self.live: List[Slot] = []
         self.dying: List[Tuple[Slot, float]] = []    # SIGTERM sent, SIGKILL at the deadline (monotonic)
         self.changed = True
 
     def start(self, n: int) -> None:
+        """Start `n` slots. Call it before this process has a ZeroMQ context, and after it has set its
+        signal handlers (the slots inherit them, through the forker)."""
+        self.starter = slot_context()
         self.live[:] = [Slot(self.starter, i, self.worker_name) for i in range(n)]
         self.changed = True
 
@@ -129,4 +132,5 @@ class SlotSet:
         """Stop every slot (busy ones: SIGTERM, SIGKILL after the grace period); start no more."""
         stop_slots(list(self.live) + [slot for slot, _ in self.dying], grace=self.kill_grace)
         self.dying = []
-        self.starter.retire()
+        if self.starter is not None:
+            self.starter.retire()

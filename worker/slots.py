@@ -24,6 +24,7 @@ from typing import Deque, Dict, List, Optional, Protocol, Tuple
 
 from depio.runtime.protocol import TaskResult, TaskSpec, as_tuple
 
+from .forker import AVAILABLE, Forker
 from .slot_process import frame, own_process_group, slot_main
 
 
@@ -223,6 +224,9 @@ class ProcessStarter:
 
 
 def slot_context() -> SlotStarter:
-    """How slots start, decided here only: fork where it exists (a slot starts in milliseconds),
-    spawn elsewhere."""
+    """How slots start, decided here only. On Linux (x86-64, arm64) from a fork server (`Forker`),
+    so that no slot is forked from a process running ZeroMQ threads; call it while this process has
+    no ZeroMQ context. Elsewhere by fork where it exists, spawn otherwise."""
+    if AVAILABLE:
+        return Forker()
     return ProcessStarter("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")

@@ -54,7 +54,7 @@ class Worker:
         self.idle_timeout = idle_timeout
         self.parent_pid = parent_pid
         self.slurm_job_id = slurm_job_id
-        self.slot_set = SlotSet(self.name, kill_grace)    # first: no ZeroMQ thread runs yet
+        self.slot_set = SlotSet(self.name, kill_grace)
         self.slots: List[Slot] = self.slot_set.live
         self.conn = DispatcherConnection(address, key, heartbeat, liveness, reconnect)
         self.credits = Credits(self.nslots)
@@ -260,7 +260,8 @@ class Worker:
         slot_set = self.slot_set
         try:
             # inside the try: a SIGTERM while still starting (the run it was for ended already)
-            # must stop the worker as quietly as one that arrives later
+            # must stop the worker as quietly as one that arrives later. Slots before the connection:
+            # their forker must be forked while no ZeroMQ thread runs.
             slot_set.start(self.nslots)
             self._connect()
             while self.stopping is None:
