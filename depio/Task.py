@@ -1,84 +1,35 @@
-"""A task: one call of a user function, with the files it reads and writes.
+"""A task: one call of a user function, with the files it reads and writes (the user's record
+and the 0.1.x API).
 
 Products and dependencies come from the function's annotations
 (`Annotated[Path, Product]`, `Annotated[Path, Dependency]`, lists of paths) and from the explicit
 `produces=` / `depends_on=` arguments. Parsing an annotation is done once per function, not once
-per task, so that building pipelines of 100,000 tasks stays fast.
+per task (`runtime.identity`), so that building pipelines of 100,000 tasks stays fast. Whether a
+task runs is `runtime.decide`; its state during a run is written by the scheduler alone.
 """
 from __future__ import annotations
 
-import inspect
 import pickle
 import time
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Callable, Dict, Iterable, List, Optional, Union, get_args, get_origin
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from .BuildMode import BuildMode
 from .TaskStatus import TaskStatus, TERMINAL_STATES, SUCCESSFUL_TERMINAL_STATES, FAILED_TERMINAL_STATES
 from .runtime.decide import build_reason
-from .runtime.identity import _MISSING, _FunctionPlan, _as_paths, _collect_paths, _freeze, _plan_for, _plans  # noqa: F401
-from .runtime.identity import compute_hash, task_key
+# the function plan, identity and annotation parsing live in runtime.identity; these names stay importable here
+from .runtime.identity import (Dependency, IgnoredForEq, Product, _as_paths, _collect_paths, _plan_for, _plans,
+                               _parse_annotation_for_metaclass, _positional_names, compute_hash, task_key)
 from .view.status import _status_colors, _status_texts
 from .exceptions import (DependencyNotMetException, ProductNotProducedException, ProductNotUpdatedException,
                          TaskRaisedExceptionException, UnknownStatusException)
 
 
-class Product:
-    """Marker: `Annotated[Path, Product]` is a file the task writes."""
-
-
-class Dependency:
-    """Marker: `Annotated[Path, Dependency]` is a file the task reads."""
-
-
-class IgnoredForEq:
-    """Marker: the argument does not make two calls different (e.g. a verbosity flag)."""
-
-
 # ---------------------------------------------------------------- helpers of the 0.1.x API
-
-def _positional_names(fn: Callable) -> List[str]:
-    code = getattr(fn, '__code__', None)
-    if code is not None and not isinstance(fn, type):
-        return list(code.co_varnames[:code.co_argcount])
-    try:
-        return [p.name for p in inspect.signature(fn).parameters.values()
-                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        return []
-
 
 def _get_args_dict(fn: Callable, args: Iterable, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """Name the positional arguments of a call and merge the keywords (defaults not included)."""
     return {**dict(zip(_positional_names(fn), args)), **kwargs}
-
-
-def _annotations_of(func: Callable) -> Dict[str, Any]:
-    target = func
-    if isinstance(func, type):
-        target = func.__init__
-    try:
-        return typing.get_type_hints(target, include_extras=True)
-    except Exception:  # unresolved string annotations: fall back to what is there
-        return dict(getattr(target, '__annotations__', None) or {})
-
-
-def _marked(annotation: Any, marker: type) -> bool:
-    if get_origin(annotation) is Annotated:
-        return any(meta is marker for meta in get_args(annotation)[1:])
-    # Optional[Annotated[...]] and similar unions
-    if get_origin(annotation) is Union:
-        return any(_marked(a, marker) for a in get_args(annotation))
-    return False
-
-
-def _parse_annotation_for_metaclass(func: Callable, *rest: Any) -> List[str]:
-    """Names of the arguments (and 'return') annotated with the marker class.
-
-    Called as `(func, marker)` or, as in later upstream versions, `(func, args_dict, marker)`."""
-    marker = rest[-1]
-    return [name for name, annotation in _annotations_of(func).items() if _marked(annotation, marker)]
 
 
 def _get_not_updated_products(product_timestamps_after_running: Dict,

@@ -8,8 +8,63 @@ from __future__ import annotations
 import inspect
 import pickle
 import sys
+import typing
 from pathlib import Path, PurePath
-from typing import Any, Callable, Dict, List
+from typing import Annotated, Any, Callable, Dict, List, Union, get_args, get_origin
+
+class Product:
+    """Marker: `Annotated[Path, Product]` is a file the task writes."""
+
+
+class Dependency:
+    """Marker: `Annotated[Path, Dependency]` is a file the task reads."""
+
+
+class IgnoredForEq:
+    """Marker: the argument does not make two calls different (e.g. a verbosity flag)."""
+
+
+for _marker in (Product, Dependency, IgnoredForEq):
+    _marker.__module__ = "depio.Task"      # where upstream defines them (repr, pickle)
+
+
+def _positional_names(fn: Callable) -> List[str]:
+    code = getattr(fn, '__code__', None)
+    if code is not None and not isinstance(fn, type):
+        return list(code.co_varnames[:code.co_argcount])
+    try:
+        return [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return []
+
+
+def _annotations_of(func: Callable) -> Dict[str, Any]:
+    target = func
+    if isinstance(func, type):
+        target = func.__init__
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except Exception:  # unresolved string annotations: fall back to what is there
+        return dict(getattr(target, '__annotations__', None) or {})
+
+
+def _marked(annotation: Any, marker: type) -> bool:
+    if get_origin(annotation) is Annotated:
+        return any(meta is marker for meta in get_args(annotation)[1:])
+    # Optional[Annotated[...]] and similar unions
+    if get_origin(annotation) is Union:
+        return any(_marked(a, marker) for a in get_args(annotation))
+    return False
+
+
+def _parse_annotation_for_metaclass(func: Callable, *rest: Any) -> List[str]:
+    """Names of the arguments (and 'return') annotated with the marker class.
+
+    Called as `(func, marker)` or, as in later upstream versions, `(func, args_dict, marker)`."""
+    marker = rest[-1]
+    return [name for name, annotation in _annotations_of(func).items() if _marked(annotation, marker)]
+
 
 _SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
 
@@ -41,7 +96,6 @@ class _FunctionPlan:
                  'product_slots', 'dependency_slots', 'hash_slots', 'hash_names', 'hash_arity')
 
     def __init__(self, func: Callable):
-        from ..Task import Dependency, IgnoredForEq, Product, _parse_annotation_for_metaclass, _positional_names
         self.func = func
         self.positional = _positional_names(func)
         self.products = tuple(n for n in _parse_annotation_for_metaclass(func, Product) if n != 'return')
