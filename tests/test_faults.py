@@ -405,7 +405,8 @@ from depio.Task import Task
 
 def busy(name):
     child = subprocess.Popen(["sleep", "120"])
-    Path(f"{name}.started").write_text(str(child.pid))
+    Path(f"{name}.tmp").write_text(str(child.pid))
+    os.replace(f"{name}.tmp", f"{name}.started")    # whole, never seen empty
     time.sleep(120)
 
 p = Pipeline(ParallelExecutor(workers=2, slots_per_worker=1, heartbeat=0.5), quiet=True)
@@ -428,8 +429,8 @@ def test_interrupting_the_pipeline_cancels_and_leaves_no_process(workdir, sig):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(list(workdir.glob("busy*.started"))) >= 2, 40, "two tasks to run")
+        children = [int(f.read_text()) for f in workdir.glob("busy*.started")]    # before: more may start
         pids = descendants(proc.pid)      # workers, slots, the tasks' `sleep`s
-        children = [int(f.read_text()) for f in workdir.glob("busy*.started")]
         assert len(pids) >= 6 and set(children) <= set(pids), (pids, children)
         t0 = time.monotonic()
         proc.send_signal(sig)
