@@ -59,6 +59,7 @@ class TaskSpec:
     dependencies: Tuple[str, ...] = ()
     timeout: Optional[float] = None
     after: Optional[int] = None   # a follower: runs where task `after` (key) runs, once it succeeded
+    shape: Optional[tuple] = None  # what it asks for (`resources.shape_of`); None: nothing special
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,7 @@ class Register:
     slots: int
     runtime: Dict[str, str] = field(default_factory=runtime_signature)
     slurm_job_id: str = ""
+    offer: Dict[str, object] = field(default_factory=dict)   # what each slot holds (`resources.Offer`)
 
 
 @dataclass(frozen=True, slots=True)
