@@ -26,6 +26,7 @@ from .exceptions import (DependencyNotAvailableException, ProductAlreadyRegister
                          TaskNotInQueueException, CyclicDependencyException, TaskNotPicklableException)
 from .runtime.graph import Graph, path_key, pickle_payloads, resolve, topological_order, working_dir
 from .runtime.scheduler import Cancel, Limits, Pause, SchedulerActor, Start
+from .state.tasks import STATE_MODES, Recorder, TaskState
 
 log = logging.getLogger("depio.pipeline")
 
@@ -154,12 +155,31 @@ class Pipeline:
             dry_run = _env_flag(DRY_RUN_ENV)
         if dry_run:
             return self._dry_run()
+        if _env_flag(ACCEPT_ENV):
+            return self._accept_from_env()
         executor = self._executor()
         g = self.validate()
+        state = TaskState.open() if self.tasks else None
+        try:
+            return self._run(g, executor, state)
+        finally:
+            if state is not None:
+                self._attach(None)
+                state.close()
+
+    def _attach(self, state: Optional[TaskState]) -> None:
+        """Give the tasks whose build mode reads the store its view (None: take it back)."""
+        for t in self.tasks:
+            if t.buildmode in STATE_MODES or t.track_code:
+                t._state = state
+
+    def _run(self, g: Graph, executor: AbstractTaskExecutor, state: Optional[TaskState]) -> int:
         for t in self.tasks:       # before the scheduler exists; from its start on, it alone writes these
             t._status, t.reason, t.error, t.start_time, t.end_time, t.attempts = \
                 TaskStatus.WAITING, "", None, None, None, 0
             t.stdout_path = t.stderr_path = None
+        if state is not None:
+            self._attach(state)
         backend = executor.make_backend() if self.tasks else None
         inline = isinstance(backend, InlineBackend)   # tasks print to this terminal; pdb needs stdin
         stdout_tty = _isatty(sys.stdout)
@@ -175,6 +195,7 @@ class Pipeline:
         logs.open()
         display.log_folder = logs.folder
         writer = LogWriter(logs, self.tasks, display.board)
+        recorder = Recorder.start(state, self.tasks, logs.folder)
         done = threading.Event()
         errors: List[str] = []        # what failed the run itself: the scheduler's crash, this loop's
         limits = Limits(executor.max_jobs_queued, executor.max_jobs_pending, executor.retries_on_worker_loss)
@@ -211,6 +232,8 @@ class Pipeline:
                     break
                 display.refresh()
                 writer.poll()
+                if recorder is not None:
+                    recorder.poll()
         except KeyboardInterrupt:
             interrupted = True
             display.close()
@@ -233,6 +256,8 @@ class Pipeline:
         display.board.update()
         writer.poll(final=True)
         writer.write_errors(errors + display.errors)
+        if recorder is not None:
+            recorder.close()
         ok = all(t._status in SUCCESSFUL_TERMINAL_STATES for t in self.tasks) and not interrupted \
             and not quit_by_key and not errors and not display.errors
         code = 0 if ok else 1
@@ -261,13 +286,60 @@ class Pipeline:
         g = self.validate()
         would = [False] * len(g)
         decisions: List[Optional[str]] = [None] * len(g)
-        for i in topological_order(g):     # upstream decisions are known first
-            t = g.tasks[i]
-            d = decide(t, any(would[j] for j in g.deps[i]), planning=True)
-            t.reason = d.reason
-            would[i] = d.run or d.error     # undecidable: it would be tried (and fail) in a run
-            decisions[i] = d.reason if would[i] else None
+        state = TaskState.open() if any(t.buildmode in STATE_MODES or t.track_code for t in g.tasks) else None
+        self._attach(state)
+        try:
+            for i in topological_order(g):     # upstream decisions are known first
+                t = g.tasks[i]
+                d = decide(t, any(would[j] for j in g.deps[i]), planning=True)
+                t.reason = d.reason
+                would[i] = d.run or d.error     # undecidable: it would be tried (and fail) in a run
+                decisions[i] = d.reason if would[i] else None
+        finally:
+            if state is not None:
+                self._attach(None)
+                state.close()
         return list(zip(g.tasks, decisions))
+
+    def accept(self, names: Optional[Sequence[str]] = None) -> List[Tuple[Task, Optional[str]]]:
+        """Record the present state of the tasks (all, or those named by name or id) as made, without
+        running anything: IF_CHANGED and IF_CODE_CHANGED then take it as up to date (a cosmetic change,
+        an output made by hand). Returns (task, what was accepted; None: it was up to date) pairs.
+        Raises ValueError for an unknown name or a task whose products are missing."""
+        g = self.validate()
+        order = [g.tasks[i] for i in topological_order(g)]
+        if names:
+            wanted = set(names)
+            chosen = [t for t in order if t.name in wanted or str(t._queue_id) in wanted]
+            unknown = wanted - {t.name for t in chosen} - {str(t._queue_id) for t in chosen}
+            if unknown:
+                raise ValueError(f"no task named {', '.join(sorted(unknown))} in this pipeline")
+        else:
+            chosen = order
+        missing = [f"{t.label}: product missing: {t.missing_products()[0]}" for t in chosen if t.missing_products()]
+        if missing:
+            raise ValueError("cannot accept tasks whose products are missing (run them): " + "; ".join(missing))
+        state = TaskState.open()
+        if state is None:
+            raise ValueError("the state store is off (DEPIO_STATE=off) or cannot be opened")
+        try:
+            return state.accept(chosen)
+        finally:
+            state.close()
+
+    def _accept_from_env(self) -> int:
+        """`depio accept SCRIPT [TASK ...]` runs the script with DEPIO_ACCEPT=1 (and the tasks in
+        DEPIO_ACCEPT_TASKS): accept instead of run, and say what was accepted."""
+        names = [n for n in os.environ.get(ACCEPT_TASKS_ENV, "").split("\n") if n]
+        try:
+            done = self.accept(names or None)
+        except ValueError as e:
+            print(f"depio: error: {e}", file=sys.stderr, flush=True)
+            return 2
+        for t, why in done:
+            print(f"accepted {t.label}: {why}" if why else f"{t.label}: up to date, nothing to accept")
+        print(f"{sum(1 for _, why in done if why)} of {len(done)} task(s) accepted", flush=True)
+        return 0
 
     def _dry_run(self) -> int:
         plan = self.explain()
@@ -302,6 +374,8 @@ def _restore_sigterm(previous) -> None:
 
 
 DRY_RUN_ENV = "DEPIO_DRY_RUN"
+ACCEPT_ENV = "DEPIO_ACCEPT"                 # set by `depio accept`: run() accepts instead of running
+ACCEPT_TASKS_ENV = "DEPIO_ACCEPT_TASKS"     # the tasks to accept, one a line (all when empty)
 
 
 def _env_flag(name: str) -> bool:

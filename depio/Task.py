@@ -43,7 +43,9 @@ def _get_not_updated_products(product_timestamps_after_running: Dict,
 
 
 class Task:
-    """One call of `func(*func_args, **func_kwargs)` with its products and dependencies."""
+    """One call of `func(*func_args, **func_kwargs)` with its products and dependencies.
+    `track_code` and `max_age` refine the build mode (see BuildMode); `resources` holds resource
+    requests that route the task to a fitting worker (kept as given, not part of the task's identity)."""
 
     def __init__(self, name: str, func: Callable, func_args: Optional[List] = None,
                  func_kwargs: Optional[Dict] = None,
@@ -54,7 +56,10 @@ class Task:
                  arg_resolver: Optional[Callable] = None,
                  description: Optional[str] = None,
                  retries: int = 0,
-                 timeout: Optional[float] = None):
+                 timeout: Optional[float] = None,
+                 track_code: bool = False,
+                 max_age: Optional[float] = None,
+                 resources: Optional[Dict] = None):
         self.name = name
         self.func = func
         self.func_args: List = list(func_args) if func_args else []
@@ -72,6 +77,16 @@ class Task:
             if float(timeout) <= 0:
                 raise ValueError(f"Task {name}: timeout must be > 0 seconds, got {timeout}")
             self.timeout = float(timeout)
+        if track_code:
+            self.track_code = True
+        if max_age is not None:
+            if float(max_age) < 0:
+                raise ValueError(f"Task {name}: max_age must be >= 0 seconds, got {max_age}")
+            self.max_age = float(max_age)
+        elif buildmode is BuildMode.IF_OLD:
+            raise ValueError(f"Task {name}: build mode IF_OLD needs max_age (seconds)")
+        if resources is not None:
+            self.resources = resources
 
         if arg_resolver is not None:
             self.func_args, self.func_kwargs = arg_resolver(self.func, self.func_args, self.func_kwargs)
@@ -101,6 +116,10 @@ class Task:
     description: str = ""
     retries: int = 0
     timeout: Optional[float] = None
+    track_code: bool = False                # rerun when the code changed, in any build mode but NEVER
+    max_age: Optional[float] = None         # seconds: IF_OLD reruns a product older than this
+    resources: Any = None                   # resource requests for routing (not part of identity)
+    _state: Any = None                      # the run's state store view (depio.state.tasks), during a run
     _slurm_parameters: Optional[Dict] = None
     task_dependencies: Optional[List['Task']] = None      # filled by Pipeline._solve_order
     path_dependencies: Optional[List[Path]] = None

@@ -8,14 +8,16 @@ from .BuildMode import BuildMode
 from .Task import Task
 
 # keywords that configure the task itself rather than its Slurm job
-_TASK_OPTIONS = ("retries", "timeout", "description", "arg_resolver", "produces", "depends_on")
+_TASK_OPTIONS = ("retries", "timeout", "description", "arg_resolver", "produces", "depends_on", "track_code",
+                 "max_age", "resources")
 
 
 def task(name: str, pipeline=None, buildmode: BuildMode = BuildMode.IF_MISSING, *dec_args: Any,
          **dec_kwargs: Any) -> Callable[[Callable], Callable[..., Task]]:
     """Decorate a function so that a call returns a `Task` (added to `pipeline` when given).
 
-    Keywords such as `retries=2` or `timeout=600` set task options; any other keyword
+    Keywords such as `retries=2`, `timeout=600`, `track_code=True`, `max_age=3600` or `resources=...`
+    set task options; any other keyword
     (`slurm_gpus_per_task=1`, `slurm_time=60`, `mem_gb=8`, ...) becomes a Slurm parameter of the task."""
     options = {k: dec_kwargs.pop(k) for k in _TASK_OPTIONS if k in dec_kwargs}
     slurm = dict(dec_kwargs.pop("slurm_parameters", None) or {})

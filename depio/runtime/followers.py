@@ -6,18 +6,22 @@ many chain behind each other follows the tasks' length (`ahead`): up to FOLLOW_A
 few milliseconds, where a round trip would cost more than the task, and one for long tasks, so that
 a pause or a cancel leaves little in the workers' hands. A follower's build-mode decision is taken
 when it is handed out, as if its predecessor had run (which it must, for the follower to start); so
-a product that appears while the predecessor runs does not make it skip.
+a product that appears while the predecessor runs does not make it skip. A task in IF_CHANGED is never
+made a follower: its decision needs what its predecessor writes (the same bytes again do not make it
+run), so it is decided when the predecessor has ended, like any released task.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..BuildMode import BuildMode
 from ..TaskStatus import TaskStatus
 from .decide import decide
 
 FOLLOW_AHEAD = 32     # followers handed out along a chain at most (tasks of a few ms); refilled at half
 
 WAITING, PENDING = TaskStatus.WAITING, TaskStatus.PENDING
+DECIDED_ON_INPUTS = BuildMode.IF_CHANGED     # decided once the inputs are written, so never a follower
 
 
 class Followers:
@@ -48,7 +52,7 @@ class Followers:
         """The first dependent of `i` that waits for `i` alone and would run once `i` has run."""
         status, unmet = self.status, self.unmet
         for j in self.dependents[i]:
-            if status[j] is WAITING and unmet[j] == 1:
+            if status[j] is WAITING and unmet[j] == 1 and self.tasks[j].buildmode is not DECIDED_ON_INPUTS:
                 d = decide(self.tasks[j], True)
                 if d.run:       # (an error is decided and reported the usual way once `i` is done)
                     self.tasks[j].reason = d.reason

@@ -44,6 +44,11 @@ tasks run again.
 **Accepting.** `depio accept`: `store.accept([snapshot(..., hash_products=True) for each task])`
 returns (record, what was accepted or None when it was up to date) pairs to print.
 
+**Wired in (`tasks.py`).** `TaskState` is this recipe on a pipeline's tasks (the scheduler's
+decisions reach it as `task._state`), `Recorder` the recording from the pipeline's loop, and
+`TaskState.accept` what `Pipeline.accept` and `depio accept` call. A record's fingerprint covers
+its products as made too: a product rewritten by a failed or killed run, or by hand, is not up to date.
+
 **History and report.** `store.runs()` (newest first: id, script, cwd, host, pid, start, end,
 counts), `store.run_tasks(run_id)`, and `write_report(store, run_id_or_None, "report.html")`.
 
@@ -61,8 +66,9 @@ from .report import write_report
 from .store import DEFAULT_STATE_PATH, STATE_ENV, StateStore, state_path
 from .values import PYTHON, args_diff, args_hash, args_record
 from .writer import StateWriter
+from .tasks import Recorder, TaskState, inputs_of, needs_state
 
 __all__ = ["HashMemo", "content_hash", "hash_paths", "norm_path", "CodeDesc", "clear_code_cache", "code_hash",
            "is_user_file", "Decision", "MadeRecord", "RunTask", "snapshot", "task_key", "why_changed",
            "write_report", "DEFAULT_STATE_PATH", "STATE_ENV", "StateStore", "StateWriter", "state_path", "PYTHON",
-           "args_diff", "args_hash", "args_record"]
+           "args_diff", "args_hash", "args_record", "Recorder", "TaskState", "inputs_of", "needs_state"]

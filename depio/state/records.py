@@ -50,10 +50,12 @@ class MadeRecord:
 
     @property
     def fingerprint(self) -> str:
-        """One digest of what decides a rerun (code, dependency contents, arguments), so that an
+        """One digest of what decides a rerun (code, dependency contents, arguments, and the products
+        as made: one rewritten by a failed or killed run, or by hand, is not up to date), so that an
         up-to-date task is recognised by comparing two strings, without parsing its record."""
         deps = "\1".join(f"{p}\0{d or '-'}" for p, d in sorted(self.deps.items()))
-        text = f"{self.code or '-'}\2{deps}\2{record_digest(self.args)}"
+        products = "\1".join(f"{p}\0{d or '-'}" for p, d in sorted(self.products.items()))
+        text = f"{self.code or '-'}\2{deps}\2{record_digest(self.args)}\2{products}"
         return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
 
 
@@ -124,6 +126,8 @@ class Decision:
             if path in record.deps and record.deps[path] != current.deps[path]:
                 out.append(f"dependency {path} is missing" if current.deps[path] is None else f"dependency {path} changed")
         out.extend(f"argument {line}" for line in args_diff(record.args, current.args))
+        out.extend(f"product {p} changed since it was made" for p, h in sorted(current.products.items())
+                   if h is not None and p in record.products and record.products[p] != h)
         out.extend(f"dependency {p} is new" for p in sorted(set(current.deps) - set(record.deps)))
         out.extend(f"dependency {p} is no longer used" for p in sorted(set(record.deps) - set(current.deps)))
         return out

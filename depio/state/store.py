@@ -181,6 +181,12 @@ class StateStore:
         with self._lock:
             return {k.hex(): f.hex() for k, f in self._db.execute("SELECT key, fp FROM made")}
 
+    def code_hashes(self) -> Dict[str, Optional[str]]:
+        """{task key: code hash or None} of every record: enough for IF_CODE_CHANGED's decisions."""
+        with self._lock:
+            return {k.hex(): h for k, h in self._db.execute("SELECT m.key, c.hash FROM made m LEFT JOIN code c "
+                                                             "ON c.id = m.code")}
+
     def get_made(self, keys: Optional[Iterable[str]] = None) -> Dict[str, MadeRecord]:
         """Full records (all when `keys` is None), to explain a fingerprint that differs."""
         sql = ("SELECT m.key, m.name, c.hash, m.rec, c.python, m.made_at, m.accepted, "
@@ -252,10 +258,17 @@ class StateStore:
         if memo.dirty:
             prefix = self.base.rstrip(os.sep) + os.sep
             cut = len(prefix)
-            db.executemany("INSERT OR REPLACE INTO hash_memo VALUES (?,?,?,?,?)",
-                           [(p[cut:] if p.startswith(prefix) else p, s, m, i, bytes.fromhex(h))
-                            for p, (s, m, i, h) in memo.dirty.items()])
-            memo.dirty.clear()
+            # another thread may be deciding with this memo: take its dict and leave a new one; an entry
+            # put into the old one while it is copied makes the copy start again
+            dirty, memo.dirty = memo.dirty, {}
+            while True:
+                try:
+                    rows = [(p[cut:] if p.startswith(prefix) else p, s, m, i, bytes.fromhex(h))
+                            for p, (s, m, i, h) in dirty.items()]
+                    break
+                except RuntimeError:
+                    continue
+            db.executemany("INSERT OR REPLACE INTO hash_memo VALUES (?,?,?,?,?)", rows)
 
     def save_memo(self, memo: HashMemo) -> None:
         """Write the memo's new entries (one transaction)."""

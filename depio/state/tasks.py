@@ -1,0 +1,224 @@
+"""The store seen from a pipeline's tasks: the IF_CHANGED / IF_CODE_CHANGED / `track_code` decisions,
+recording what ended, and accepting the present state.
+
+Duck-typed on depio's Task (name, func, cleaned_args, products, path_dependencies, task_dependencies,
+buildmode, track_code and the run state), so that this package still imports nothing of the runtime.
+Deciding runs in the scheduler's thread and recording in the pipeline's: the memo and the lazily
+loaded tables are shared, each load taken under a lock.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ..BuildMode import BuildMode
+from ..TaskStatus import TaskStatus, TERMINAL_STATES
+from .files import HashMemo
+from .records import Decision, MadeRecord, RunTask, snapshot
+from .store import StateStore
+from .writer import StateWriter
+
+log = logging.getLogger("depio.state")
+
+FINISHED, SKIPPED = TaskStatus.FINISHED, TaskStatus.SKIPPED
+STATE_MODES = (BuildMode.IF_CHANGED, BuildMode.IF_CODE_CHANGED)    # modes that read the store to decide
+
+
+def needs_state(task) -> bool:
+    """Whether deciding the task reads the store."""
+    return task.buildmode in STATE_MODES or bool(task.track_code)
+
+
+def inputs_of(task) -> List[Path]:
+    """The files a task reads: its path dependencies and the products of the tasks it depends on
+    (`depends_on=[task]`), each once."""
+    paths = task.path_dependencies
+    if paths is None:
+        paths = [d for d in task.dependencies if isinstance(d, os.PathLike)]
+    upstream = task.task_dependencies or ()
+    if not upstream:
+        return list(paths)
+    out = list(paths)
+    seen = {os.fspath(p) for p in out}
+    for u in upstream:
+        for p in u.products:
+            if os.fspath(p) not in seen:
+                seen.add(os.fspath(p))
+                out.append(p)
+    return out
+
+
+class TaskState:
+    """One run's (or dry run's, or accept's) view of the store. Records, fingerprints and the memo
+    load on first use: a run of IF_MISSING tasks that makes no products reads none of them."""
+
+    def __init__(self, store: StateStore, decision: Optional[Decision] = None):
+        self.store = store
+        self.decision = decision or Decision()
+        self._lock = threading.Lock()
+        self._memo: Optional[HashMemo] = None
+        self._fps: Optional[Dict[str, str]] = None
+        self._codes: Optional[Dict[str, Optional[str]]] = None
+
+    @classmethod
+    def open(cls, env: Optional[Mapping[str, str]] = None) -> Optional["TaskState"]:
+        """The default store's view, or None when the store is off or cannot be opened."""
+        store = StateStore.open_default(env)
+        return cls(store) if store is not None else None
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def memo(self) -> HashMemo:
+        if self._memo is None:
+            with self._lock:
+                if self._memo is None:
+                    self._memo = self.store.load_memo()
+        return self._memo
+
+    def _fingerprints(self) -> Dict[str, str]:
+        if self._fps is None:
+            with self._lock:
+                if self._fps is None:
+                    self._fps = self.store.fingerprints()
+        return self._fps
+
+    def _code_hashes(self) -> Dict[str, Optional[str]]:
+        if self._codes is None:
+            with self._lock:
+                if self._codes is None:
+                    self._codes = self.store.code_hashes()
+        return self._codes
+
+    def current(self, task, hash_inputs: bool = True) -> MadeRecord:
+        """What the task's products would be made from now (products hashed as they are)."""
+        return snapshot(task.name, task.func, task.cleaned_args, inputs_of(task) if hash_inputs else (),
+                        task.products, self.memo, hash_products=hash_inputs)
+
+    def why_changed(self, task) -> Optional[str]:
+        """IF_CHANGED's reason beyond a missing product (None: up to date). The fast path compares
+        two fingerprints; only a difference reads the record, to name it."""
+        cur = self.current(task)
+        fp = self._fingerprints().get(cur.key)
+        if fp == cur.fingerprint:
+            return None
+        old = self.store.get_made([cur.key]).get(cur.key) if fp is not None else None
+        return self.decision.why_changed(old, cur)
+
+    def why_code_changed(self, task) -> Optional[str]:
+        """IF_CODE_CHANGED's and `track_code`'s reason: the code differs from the record's, or there is
+        no record (as the fork counts an unseen task)."""
+        cur = self.current(task, hash_inputs=False)
+        codes = self._code_hashes()
+        if cur.key in codes and codes[cur.key] in (None, cur.code):
+            return None
+        old = self.store.get_made([cur.key]).get(cur.key) if cur.key in codes else None
+        return self.decision.why_code_changed(old, cur)
+
+    def accept(self, tasks: Sequence) -> List[Tuple[object, Optional[str]]]:
+        """Record each task's present state as made (products must exist); (task, what was accepted,
+        None when it was up to date) pairs."""
+        records = [self.current(t) for t in tasks]
+        done = self.store.accept(records, self.decision)
+        self.store.save_memo(self.memo)
+        return [(t, why) for t, (_, why) in zip(tasks, done)]
+
+
+def _host_of(worker: str) -> str:
+    """`pilot-12@node3` and `node3:4242` (how workers name themselves) run on node3."""
+    if "@" in worker:
+        return worker.rsplit("@", 1)[1]
+    return worker.split(":", 1)[0] if ":" in worker else ""
+
+
+class Recorder:
+    """One run's history and made records, written from the pipeline's loop (`poll`) in batches by a
+    StateWriter. Only a task that ended FINISHED is recorded as made; SKIPPED tasks are counted,
+    not listed (an up-to-date run of 100,000 tasks writes one row)."""
+
+    def __init__(self, state: TaskState, tasks: Sequence, log_dir: Optional[os.PathLike] = None,
+                 script: Optional[str] = None):
+        self.state, self.tasks = state, tasks
+        if script is None:
+            script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-c") else ""
+        self.run_id = state.store.begin_run(script, log_dir=log_dir)
+        self.writer = StateWriter(state.store, self.run_id, None)
+        self.todo = list(range(len(tasks)))
+        self.counts: Dict[str, int] = {}
+
+    @classmethod
+    def start(cls, state: Optional[TaskState], tasks: Sequence, log_dir: Optional[os.PathLike] = None
+              ) -> Optional["Recorder"]:
+        """A recorder, or None when there is no store or the run cannot be begun (logged): a run goes
+        on without history rather than fail."""
+        if state is None:
+            return None
+        try:
+            return cls(state, tasks, log_dir)
+        except Exception as e:
+            log.warning("cannot record this run in %s: %s", state.store.path, e)
+            return None
+
+    def poll(self, final: bool = False) -> None:
+        """Take the tasks that ended since the last call; write a batch when one is due. A store that
+        fails (a full disk, a lock held too long) is logged once and recording stops: never the run."""
+        if self.failed:
+            return
+        try:
+            self._poll(final)
+        except Exception as e:
+            self.failed = True
+            log.warning("recording the run in %s failed, recording stops: %s", self.state.store.path, e)
+
+    failed = False
+
+    def _poll(self, final: bool) -> None:
+        tasks, left = self.tasks, []
+        for i in self.todo:
+            t = tasks[i]
+            s = t._status
+            if s in TERMINAL_STATES:
+                self._ended(t, s)
+            else:
+                left.append(i)
+        self.todo = left
+        self.writer.memo = self.state._memo
+        if final:
+            self.writer.flush()
+        else:
+            self.writer.poll()
+
+    def _ended(self, t, s: TaskStatus) -> None:
+        self.counts[s.name] = self.counts.get(s.name, 0) + 1
+        if s is SKIPPED:
+            return
+        made = None
+        if s is FINISHED and (t.products or needs_state(t)):
+            try:
+                made = self.state.current(t)
+            except Exception as e:       # a product deleted meanwhile, an unreadable file: not recorded
+                log.warning("cannot record how %s was made: %s", t.label, e)
+        worker = t.worker or ""
+        self.writer.ended(RunTask(t._queue_id or 0, made.key if made else "", t.name, s.name, t.start_time,
+                                  t.end_time, worker, _host_of(worker), t._slurmid, t.attempts, t.reason), made)
+
+    def close(self) -> None:
+        """Write what is left and end the run with its counts by status (tasks never ended count too)."""
+        self.poll(final=True)
+        if self.failed:
+            return
+        for i in self.todo:
+            name = self.tasks[i]._status.name
+            self.counts[name] = self.counts.get(name, 0) + 1
+        try:
+            self.writer.close(self.counts)
+        except Exception as e:
+            log.warning("cannot end the run's record in %s: %s", self.state.store.path, e)
+
+
+__all__ = ["TaskState", "Recorder", "inputs_of", "needs_state", "STATE_MODES"]
