@@ -1,4 +1,5 @@
-"""`depio`: the command line (dry runs, task logs, pools, keys, versions).
+"""`depio`: the command line (dry runs, accepting changes, run history and reports, task logs, pools,
+keys, versions).
 
 Every error is one line on stderr (`depio: error: ...`) and exit code 2; no tracebacks.
 """
@@ -13,6 +14,9 @@ from typing import List, Optional
 
 EXAMPLES = """examples:
   depio explain pipeline.py            dry run of an unchanged script (same as DEPIO_DRY_RUN=1 python pipeline.py)
+  depio accept pipeline.py [TASK ...]  record the present state as made (a cosmetic edit, a hand-made output)
+  depio runs                           the runs in the state store, newest first
+  depio report [RUN] [-o FILE]         one self-contained HTML page of a run (default: the latest)
   depio logs                           the log files of the latest run (.depio/logs/latest)
   depio logs 3                         print stdout and stderr of task 3 of the latest run
   depio logs --run 20250101-120000-42 train
@@ -26,7 +30,8 @@ EXAMPLES = """examples:
 environment:
   DEPIO_DRY_RUN=1      run() shows the plan and runs nothing
   DEPIO_LOG_DIR=DIR    where per-task logs go (default .depio/logs; "off" disables them)
-  DEPIO_LOG_KEEP=N     run folders kept (default 20)
+  DEPIO_LOG_KEEP=N     run folders (and runs in the state store) kept (default 20)
+  DEPIO_STATE=PATH     the state store (default .depio/state.sqlite; "off" disables it)
   DEPIO_ADDRESS=HOST   the address Slurm jobs connect back to
 """
 
@@ -52,6 +57,59 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         return subprocess.call([sys.executable, str(script)] + list(args.args), env=env)
     except KeyboardInterrupt:
         return 1
+
+
+# ---------------------------------------------------------------- accept, runs, report (the state store)
+
+def _cmd_accept(args: argparse.Namespace) -> int:
+    """Run SCRIPT as `explain` does, with DEPIO_ACCEPT=1: its Pipeline.run() accepts instead of running."""
+    script = Path(args.script)
+    if not script.is_file():
+        raise CliError(f"no such script: {script}")
+    env = dict(os.environ)
+    env["DEPIO_ACCEPT"] = "1"
+    env["DEPIO_ACCEPT_TASKS"] = "\n".join(args.tasks)
+    try:
+        return subprocess.call([sys.executable, str(script)] + list(args.script_args), env=env)
+    except KeyboardInterrupt:
+        return 1
+
+
+def _store():
+    from .state import StateStore, state_path
+    path = state_path()
+    if path is None:
+        raise CliError("the state store is off (DEPIO_STATE=off)")
+    if not path.is_file():
+        raise CliError(f"no state store at {path} (run a pipeline first, or set DEPIO_STATE)")
+    return StateStore(path)
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    import time
+    with _store() as store:
+        runs = store.runs()
+    if not runs:
+        print("no runs recorded")
+        return 0
+    for r in runs:
+        start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["start"])) if r["start"] else "?"
+        took = f"{r['end'] - r['start']:.1f} s" if r["end"] and r["start"] else "did not end"
+        counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(r["counts"].items())) or "-"
+        print(f"{r['id']}  {start}  {took:>11}  {counts}  {r['script'] or ''}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .state import write_report
+    with _store() as store:
+        run = store.run(args.run)
+        if run is None:
+            raise CliError(f"no run {args.run!r} (depio runs lists them)" if args.run else "no run recorded")
+        out = Path(args.output or f"depio-report-{run['id']}.html")
+        write_report(store, run["id"], out)
+    print(f"wrote {out}")
+    return 0
 
 
 # ---------------------------------------------------------------- logs
@@ -152,6 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("script", help="the pipeline script")
     e.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     e.set_defaults(func=_cmd_explain)
+    a = sub.add_parser("accept", help="record the present state as made, without running (IF_CHANGED)",
+                       description="Run SCRIPT so that Pipeline.run() records each task's present state (code, "
+                                   "inputs, arguments, products) as made instead of running: a cosmetic change or "
+                                   "an output made by hand no longer reruns. Says what it accepted.")
+    a.add_argument("script", help="the pipeline script")
+    a.add_argument("tasks", nargs="*", help="task names or ids (default: every task)")
+    a.add_argument("--args", dest="script_args", nargs=argparse.REMAINDER, default=[],
+                   help="arguments for the script (the rest of the line)")
+    a.set_defaults(func=_cmd_accept)
+    r = sub.add_parser("runs", help="list the runs in the state store, newest first")
+    r.set_defaults(func=_cmd_runs)
+    rp = sub.add_parser("report", help="write one self-contained HTML page of a run (timeline, failures)",
+                        description="A timeline of the run's tasks per worker coloured by status, the failures "
+                                    "with the tail of their logs, and the slowest tasks; no network needed.")
+    rp.add_argument("run", nargs="?", help="a run id (depio runs; default: the latest)")
+    rp.add_argument("-o", "--output", help="the HTML file [depio-report-RUN.html]")
+    rp.set_defaults(func=_cmd_report)
     lg = sub.add_parser("logs", help="list or print per-task log files (default: the latest run)",
                         description="Task logs live in .depio/logs/<run-id>/<id>-<name>.out/.err "
                                     "($DEPIO_LOG_DIR moves them); .depio/logs/latest is the latest run.")
