@@ -27,6 +27,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Se
 from . import protocol as P
 from .liveness import Liveness
 from .protocol import TaskSpec
+from .routing import Routing
 
 _AFTER = operator.attrgetter("after")
 _is_none = partial(operator.is_, None)
@@ -154,6 +155,7 @@ class Assignment:
         self._next_jid = 1
         self._next_client = 1
         self._rr: Deque[bytes] = deque()     # clients with queued work, in round-robin order
+        self.routing = Routing(self, Batch)  # tasks that ask for special resources (GPUs, ...)
 
     def status(self) -> Dict[str, object]:
         """Workers and clients for `depio pool status` (read without locks: approximate)."""
@@ -233,6 +235,7 @@ class Assignment:
         batch) or waiting itself, goes at once to the worker that has a predecessor placed as a
         follower (the `RunTasks` returned), and goes back otherwise: a pipeline hands a follower out
         together with its predecessor, or behind another follower."""
+        specs = self.routing.hold(c, specs)      # those with a resource shape wait there
         was_empty = not c.queue
         queue = c.queue
         direct: Dict[bytes, Batch] = {}
@@ -267,6 +270,7 @@ class Assignment:
         """Forget the client's tasks `keys` (None: all): queued here, or jobs on workers (the
         `CancelJobs` returned tell them). A follower waiting here for a cancelled task goes back to
         the client."""
+        self.routing.cancel(c, keys)
         if keys is None:
             c.queue.clear()
             c.followers.clear()
@@ -316,9 +320,9 @@ class Assignment:
         """Hand queued tasks to workers with credits. First only into free slots (idle workers
         first), then as prefetch: a worker whose slots are all busy must not take a task that an idle
         worker could start now."""
+        batches: Dict[bytes, Batch] = self.routing.assign()    # tasks with a resource shape go first
         if not self._rr:
-            return ()
-        batches: Dict[bytes, Batch] = {}
+            return [(b.worker, b.message()) for b in batches.values()]
         for prefetch in (False, True):
             for w in sorted(self.workers.with_credit(), key=lambda w: len(w.jobs) - w.slots):
                 n = w.credits if prefetch else min(w.credits, w.slots - len(w.jobs))

@@ -33,6 +33,7 @@ from .assignment import Assignment, ClientInfo, Job, WorkerInfo, WorkerRegistry
 from .inbox import DrivenLoop, LoopFailure, drain_pipe
 from .liveness import Liveness
 from .local_client import AttachLocal, LocalClient, StopLoop
+from .resources import Offer
 from .wire import Wire
 
 __all__ = ["Dispatcher", "LocalClient", "LoopFailure", "WorkerInfo", "ClientInfo", "Job", "WorkerRegistry"]
@@ -239,6 +240,8 @@ class Dispatcher(DrivenLoop):
         w = WorkerInfo(identity, msg.worker_id, msg.host, msg.pid, msg.slots, msg.slurm_job_id,
                        peer=Liveness(self.heartbeat, self.liveness))
         self.workers.add(w)
+        if msg.offer:          # what each of its slots holds: tasks with a resource shape go by it
+            self.assignment.routing.offers[identity] = Offer.from_dict(msg.offer)
         self._send_worker(w, P.Welcome(self.heartbeat, self.liveness))
         log.info("worker %s registered (%d slots)", w.name, w.slots)
         self._broadcast_workers(f"worker {w.name} joined")
@@ -248,6 +251,7 @@ class Dispatcher(DrivenLoop):
         (it was only stopped or cut off), it is told to re-register and its late results are dropped
         here, and by attempt id in the scheduler."""
         self.assignment.lose_worker(w, reason)
+        self.assignment.routing.offers.pop(w.identity, None)
         self.workers_lost += 1
         log.warning(reason)
         self._broadcast_workers(reason)

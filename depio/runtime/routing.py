@@ -1,0 +1,107 @@
+"""Routing by resources: tasks that ask for something special go only to workers that fit them.
+
+The common task asks for nothing special: its `TaskSpec.shape` is None and it never comes here, so
+the assignment's hot path pays one `any()` per `Submit` and one call per turn for this. A task with
+a shape waits here, in a queue per shape, and goes only into a free slot (no prefetch) of a worker
+whose offer fits it (`resources.fits`), before the common tasks take what is left.
+
+A pinned task (`resources.pinned_shape(token)`, a per-task Slurm job's one task) goes only to the
+worker whose offer names that pin: the job was started for it.
+"""
+from __future__ import annotations
+
+import operator
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Optional, Sequence, Tuple
+
+from .protocol import TaskSpec
+from .resources import PIN, Offer, fits, from_shape
+
+# assignment imports this module, never the other way round: its classes appear here by name only
+_SHAPE = operator.attrgetter("shape")
+
+
+class Routing:
+    """Tasks with a shape, by shape, and the workers' offers (`offers`, by worker identity, set when
+    a worker registers; a worker not in it offered nothing and takes only common tasks)."""
+
+    def __init__(self, assignment: Any, make_batch: Callable[[Any], Any]) -> None:
+        self.a = assignment
+        self.make_batch = make_batch
+        self.held: Dict[tuple, Deque[Tuple["ClientInfo", TaskSpec]]] = {}
+        self.pinned: Dict[str, Tuple["ClientInfo", TaskSpec]] = {}
+        self.offers: Dict[bytes, Offer] = {}
+        self._requests: Dict[tuple, object] = {}
+
+    def hold(self, c: "ClientInfo", specs: Sequence[TaskSpec]) -> Sequence[TaskSpec]:
+        """Keep the specs that have a shape; return the others (for the client's common queue)."""
+        if not any(map(_SHAPE, specs)):
+            return specs
+        rest = []
+        for s in specs:
+            shape = s.shape
+            if shape is None:
+                rest.append(s)
+            elif shape[0] == PIN:
+                self.pinned[shape[1]] = (c, s)
+            else:
+                self.held.setdefault(shape, deque()).append((c, s))
+        return tuple(rest)
+
+    def cancel(self, c: "ClientInfo", keys: Optional[set]) -> None:
+        """Forget the client's held tasks `keys` (None: all of them)."""
+        if not self.held and not self.pinned:
+            return
+        drop = (lambda cc, s: cc is c) if keys is None else (lambda cc, s: cc is c and s.key in keys)
+        for shape, q in list(self.held.items()):
+            kept = deque(item for item in q if not drop(*item))
+            if kept:
+                self.held[shape] = kept
+            else:
+                del self.held[shape]
+        for pin, item in list(self.pinned.items()):
+            if drop(*item):
+                del self.pinned[pin]
+
+    def offer(self, w: "WorkerInfo") -> Optional[Offer]:
+        return self.offers.get(w.identity)
+
+    def assign(self) -> Dict[bytes, "Batch"]:
+        """Held tasks into free slots of the workers that fit them, as batches by worker identity."""
+        batches: Dict[bytes, "Batch"] = {}
+        if not self.held and not self.pinned:
+            return batches
+        workers = self.a.workers.with_credit()
+        if self.pinned:
+            for w in workers:
+                offer = self.offers.get(w.identity)
+                item = self.pinned.pop(offer.pin, None) if offer is not None and offer.pin else None
+                if item is not None and item[0].identity in self.a.clients:
+                    self._put(batches, w, *item)
+        for shape in list(self.held):
+            q = self.held[shape]
+            request = self._requests.get(shape) or self._requests.setdefault(shape, from_shape(shape))
+            for w in workers:
+                free = min(w.credits, w.slots - len(w.jobs))
+                offer = self.offers.get(w.identity)
+                if free <= 0 or offer is None or offer.pin or not fits(request, offer):
+                    continue
+                while free > 0 and q:
+                    c, spec = q.popleft()
+                    if c.identity in self.a.clients:
+                        self._put(batches, w, c, spec)
+                        free -= 1
+            if not q:
+                del self.held[shape]
+        return batches
+
+    def _put(self, batches: Dict[bytes, "Batch"], w: "WorkerInfo", c: "ClientInfo", spec: TaskSpec) -> None:
+        batch = batches.get(w.identity)
+        if batch is None:
+            batch = batches[w.identity] = self.make_batch(w)
+        self.a._place(c, batch, spec)
+        w.credits -= 1
+
+    def waiting(self) -> Dict[tuple, int]:
+        """How many held tasks wait, by shape (a pilot launcher sizes its groups by this)."""
+        return {shape: len(q) for shape, q in self.held.items()}
