@@ -127,5 +127,7 @@ def slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
                     result = run_spec(TaskSpec(*spec), functions, blobs, capture, worker_name)
                     previous_ok = result.error is None
                     results.add(jid, as_tuple(result), k == last)
+        elif kind == "env":          # the slot's own GPUs: before any task it runs
+            os.environ.update(msg[1])
         elif kind == "stop":
             return

@@ -31,13 +31,14 @@ class SlotSet:
         self.starter: Optional[SlotStarter] = None
         self.live: List[Slot] = []
         self.dying: List[Tuple[Slot, float]] = []    # SIGTERM sent, SIGKILL at the deadline (monotonic)
+        self.gpus: List[List[str]] = []      # by slot index: the GPUs its tasks see (CUDA_VISIBLE_DEVICES)
         self.changed = True
 
     def start(self, n: int) -> None:
         """Start `n` slots. Call it before this process has a ZeroMQ context, and after it has set its
         signal handlers (the slots inherit them, through the forker)."""
         self.starter = slot_context()
-        self.live[:] = [Slot(self.starter, i, self.worker_name) for i in range(n)]
+        self.live[:] = [self._new(i) for i in range(n)]
         self.changed = True
 
     def renew_starter(self) -> None:
@@ -54,8 +55,15 @@ class SlotSet:
             self.dying.append((slot, time.monotonic() + self.kill_grace))
         else:
             slot.kill()
-        self.live[slot.index] = Slot(self.starter, slot.index, self.worker_name)
+        self.live[slot.index] = self._new(slot.index)
         self.changed = True
+
+    def _new(self, i: int) -> Slot:
+        """Slot `i`, told first which GPUs are its own (a task must not take another slot's GPU)."""
+        slot = Slot(self.starter, i, self.worker_name)
+        if i < len(self.gpus) and self.gpus[i]:
+            slot.set_env({"CUDA_VISIBLE_DEVICES": ",".join(self.gpus[i])})
+        return slot
 
     def reap(self) -> None:
         self.dying = [(slot, deadline) for slot, deadline in self.dying if not slot.finish_stop(deadline)]

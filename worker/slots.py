@@ -84,6 +84,10 @@ class Slot:
                 return
             del self.outbuf[:n]
 
+    def set_env(self, env: Dict[str, str]) -> None:
+        """Environment for every task this slot runs (its own GPUs), set before its first task."""
+        self._send(("env", env))
+
     def give(self, tasks: List[Tuple[int, TaskSpec]], functions: Dict[bytes, bytes],
              conditional: bool = False) -> None:
         """Hand a batch to the slot, preceded by any function it has not seen. `conditional`: each task

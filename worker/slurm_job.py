@@ -5,8 +5,10 @@ process of its own: depio never imports the worker package, the worker imports d
 stdout and stderr are the submitit job's files (inherited), and Slurm's signals (scancel's SIGTERM,
 `--signal=USR2@N` before the walltime) reach this process directly, as every process of the job step.
 
-A per-task job is a one-slot worker named after its task attempt (`--name TOKEN`); a pilot streams
-tasks until idle, told to leave, or near its walltime (`--walltime`).
+A per-task job is a one-slot worker pinned to its task attempt (`--pin TOKEN`): its offer names the
+pin, so the dispatcher gives it that task and no other, and it leaves once the task's result is
+sent. A pilot streams tasks until idle, told to leave, or near its walltime (`--walltime`). Both
+offer what their job holds (`depio.runtime.resources.slurm_offer`: CPUs, GPUs, memory, partition).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from collections import deque
 from typing import List, Optional
 
 from depio.runtime import protocol as P
+from depio.runtime.resources import slurm_offer
 
 from .main import Worker, install_stop_signals, read_key
 
@@ -42,12 +45,27 @@ class SlurmJobWorker(Worker):
     leaves `margin` s before the limit. A slot killed by SIGTERM means Slurm is ending the job:
     the task is not reported as crashed but left behind (a lost worker), so it runs again."""
 
-    def __init__(self, *args, deadline: Optional[float] = None, margin: float = 60.0, **kwargs):
+    def __init__(self, *args, deadline: Optional[float] = None, margin: float = 60.0, pin: str = "",
+                 constraint: str = "", **kwargs):
         super().__init__(*args, **kwargs)
         self.deadline = deadline
         self.margin = margin
+        self.pin = pin
+        self.constraint = constraint
+        self.walltime_min = 0.0 if deadline is None else max(0.0, (deadline - time.time()) / 60)
+        self.got_task = False
         self.draining: Optional[str] = None
         self.blocked: List[tuple] = []
+
+    def _offer(self) -> dict:
+        offer = slurm_offer(self.nslots, self.walltime_min, self.constraint).as_dict()
+        offer["pin"] = self.pin
+        return offer
+
+    def _on_message(self, msg: object) -> None:
+        if isinstance(msg, P.RunTasks) and msg.tasks:
+            self.got_task = True
+        super()._on_message(msg)
 
     def time_left(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.time()
@@ -58,6 +76,8 @@ class SlurmJobWorker(Worker):
             log.warning("draining: %s", why)
 
     def _capacity(self) -> int:
+        if self.pin and self.got_task:
+            return 0                     # a per-task job: its one task, nothing more
         if self.draining is None and self.time_left() - self.margin < max(2 * self.avg_duration, 1.0):
             self.drain(f"walltime nearly over ({self.time_left():.0f} s left)")
         return 0 if self.draining is not None else super()._capacity()
@@ -88,6 +108,9 @@ class SlurmJobWorker(Worker):
         super()._housekeeping()
         if self.stopping is not None:
             return
+        if self.pin and self.got_task and not self._held() and not self.reports.done:
+            self.stopping = "its task is done"
+            return
         left = self.time_left()
         if left <= self.margin:
             self.stopping = f"Slurm walltime ends in {max(left, 0):.0f} s: leaving"
@@ -107,7 +130,7 @@ class SlurmJobWorker(Worker):
 
 def run_job(address: str, key_file: str, name: Optional[str], slots: int, heartbeat: float, liveness: int,
             idle_timeout: Optional[float], walltime_s: Optional[float], margin: float,
-            warning_s: Optional[float] = None) -> int:
+            warning_s: Optional[float] = None, pin: str = "", constraint: str = "") -> int:
     """A worker that connects back, until it is told to leave, idle, or near its walltime.
     `warning_s`: the job's `--signal=USR2@warning_s`. Slurm may send that signal up to 60 s early
     (sbatch(1): "due to the resolution of event handling"), so it only tells that the limit is at
@@ -119,7 +142,7 @@ def run_job(address: str, key_file: str, name: Optional[str], slots: int, heartb
     deadline = None if not walltime_s else time.time() + walltime_s
     w = SlurmJobWorker(address, key, slots=slots, name=(name or f"pilot-{jid}@{socket.gethostname()}"),
                        heartbeat=heartbeat, liveness=liveness, idle_timeout=idle_timeout, slurm_job_id=jid,
-                       deadline=deadline, margin=margin)
+                       deadline=deadline, margin=margin, pin=pin, constraint=constraint)
     install_stop_signals(w)                             # scancel: leave cleanly
     if walltime_s and warning_s is not None:
         def warned(signum, frame) -> None:
@@ -140,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="The worker of a depio Slurm job (started by the job itself).")
     p.add_argument("--connect", required=True, metavar="ADDR", help="the pipeline's (or pool's) address")
     p.add_argument("--key-file", required=True, help="file with the hex key (mode 600)")
-    p.add_argument("--name", default=None, help="a per-task job's token [pilot-JOBID@host]")
+    p.add_argument("--name", default=None, help="the worker's name [pilot-JOBID@host]")
+    p.add_argument("--pin", default="", help="a per-task job: the one task attempt it was started for")
+    p.add_argument("--constraint", default="", help="the job's --constraint (offered to tasks that ask for it)")
     p.add_argument("--slots", type=int, default=1)
     p.add_argument("--heartbeat", type=float, default=1.0)
     p.add_argument("--liveness", type=int, default=5)
@@ -156,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="depio-worker %(levelname)s %(message)s")
     return run_job(args.connect, args.key_file, args.name, args.slots, args.heartbeat, args.liveness,
-                   args.idle_timeout, args.walltime, args.margin, args.warning)
+                   args.idle_timeout, args.walltime, args.margin, args.warning, args.pin, args.constraint)
 
 
 if __name__ == "__main__":

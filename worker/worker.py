@@ -22,6 +22,7 @@ import zmq
 from depio.runtime import protocol as P
 from depio.runtime.inbox import drain_pipe
 from depio.runtime.protocol import TaskSpec
+from depio.runtime.resources import gpu_ids, local_offer, split_gpus
 
 from .connection import DispatcherConnection
 from .credits import Credits
@@ -55,6 +56,7 @@ class Worker:
         self.parent_pid = parent_pid
         self.slurm_job_id = slurm_job_id
         self.slot_set = SlotSet(self.name, kill_grace)
+        self.slot_set.gpus = split_gpus(gpu_ids(), self.nslots)   # each slot sees only its own GPUs
         self.slots: List[Slot] = self.slot_set.live
         self.conn = DispatcherConnection(address, key, heartbeat, liveness, reconnect)
         self.credits = Credits(self.nslots)
@@ -77,9 +79,14 @@ class Worker:
 
     # ------------------------------------------------------------ the dispatcher
     def _connect(self) -> None:
-        self.conn.open(P.Register(self.name, self.host, os.getpid(), self.nslots, slurm_job_id=self.slurm_job_id))
+        self.conn.open(P.Register(self.name, self.host, os.getpid(), self.nslots, slurm_job_id=self.slurm_job_id,
+                                  offer=self._offer()))
         self.slot_set.changed = True      # the poller must watch the new socket
         self.credits.open = 0
+
+    def _offer(self) -> dict:
+        """What each slot holds, for the dispatcher's routing (a Slurm job's worker: its allocation)."""
+        return local_offer(self.nslots).as_dict()
 
     def _reconnect(self) -> None:
         """Register afresh, as a new worker. The dispatcher forgot us (lost or restarted) and gave our

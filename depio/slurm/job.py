@@ -24,13 +24,13 @@ WORKER_JOB_MODULE = "worker.slurm_job"      # run as a command (python -m), neve
 def job_command(address: str, key_file: str, *, name: Optional[str] = None, slots: int = 1,
                 heartbeat: float = 1.0, liveness: int = 5, idle_timeout: Optional[float] = None,
                 walltime_s: Optional[float] = None, margin: float = 60.0,
-                warning_s: Optional[float] = None) -> List[str]:
+                warning_s: Optional[float] = None, pin: str = "", constraint: str = "") -> List[str]:
     """The worker's command line (the key stays in its mode-600 file: only the path is on it)."""
     cmd = [sys.executable, "-m", WORKER_JOB_MODULE, "--connect", address, "--key-file", key_file,
            "--slots", str(slots), "--heartbeat", repr(float(heartbeat)), "--liveness", str(liveness),
            "--margin", repr(float(margin))]
     for flag, value in (("--name", name), ("--idle-timeout", idle_timeout), ("--walltime", walltime_s),
-                        ("--warning", warning_s)):
+                        ("--warning", warning_s), ("--pin", pin or None), ("--constraint", constraint or None)):
         if value is not None:
             cmd += [flag, value if isinstance(value, str) else repr(float(value))]
     return cmd
@@ -46,14 +46,16 @@ def _run(cmd: List[str]) -> int:
 
 
 def run_task_job(address: str, key_file: str, token: str, heartbeat: float = 1.0, liveness: int = 5) -> int:
-    """Per-task job: a one-slot worker named `token`; the pipeline gives it exactly its task."""
+    """Per-task job: a one-slot worker pinned to `token` (one task attempt): the pipeline's dispatcher
+    gives it exactly that task, and it leaves once the result is sent."""
     return _run(job_command(address, key_file, name=token, slots=1, heartbeat=heartbeat, liveness=liveness,
-                            idle_timeout=600.0, margin=0.0))
+                            idle_timeout=120.0, margin=0.0, pin=token))
 
 
 def run_pilot(address: str, key_file: str, slots: int = 1, walltime_s: Optional[float] = None,
               margin: float = 60.0, heartbeat: float = 1.0, liveness: int = 5,
-              idle_timeout: Optional[float] = 60.0, warning_s: Optional[float] = None) -> int:
+              idle_timeout: Optional[float] = 60.0, warning_s: Optional[float] = None, constraint: str = "") -> int:
     """Pilot job: a worker that streams tasks until idle, told to leave, or near its walltime."""
     return _run(job_command(address, key_file, slots=slots, heartbeat=heartbeat, liveness=liveness,
-                            idle_timeout=idle_timeout, walltime_s=walltime_s, margin=margin, warning_s=warning_s))
+                            idle_timeout=idle_timeout, walltime_s=walltime_s, margin=margin, warning_s=warning_s,
+                            constraint=constraint))
