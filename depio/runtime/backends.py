@@ -4,25 +4,29 @@ Every backend takes `submit(specs, functions)` and `cancel(keys, reason)` from t
 and tells the actor `ClientReport`s. `wait(done, timeout)` is what the pipeline's main thread does
 while the run goes on (the in-process backend runs tasks there, so that debuggers work).
 
-- `DispatcherBackend`: ZeroMQ, a dispatcher (in-process or a pool) and workers.
+- `DispatcherBackend`: ZeroMQ, a dispatcher (in-process or a pool) and workers. Tasks that ask for
+  resources (`depio.runtime.resources`) carry their shape, so the dispatcher routes them to workers
+  that fit; one that no worker of its launcher could ever fit fails the run before anything runs.
 - `InlineBackend`: one task at a time in the main thread (SequentialExecutor).
 - `FuturesBackend`: a user's `concurrent.futures.Executor` (upstream's `internal_executor`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 import queue
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import pykka
 
 from . import protocol as P
 from .inbox import DispatchingInbox
 from .events import BackendFailed
+from .resources import request_of, shape_of
 
 log = logging.getLogger("depio.backends")
 
@@ -87,6 +91,68 @@ class DispatcherBackend(Backend):
         self._started = False
         self._closing = False
         self._lock = threading.Lock()
+        self.shapes: List[Optional[tuple]] = []      # by task key: its resource shape (None: nothing special)
+        self.shaped = False
+        self.held: Dict[int, List[P.TaskSpec]] = {}  # followers kept here until their predecessor succeeded
+
+    def bind(self, scheduler, graph) -> None:
+        super().bind(scheduler, graph)
+        requests = [request_of(t) for t in graph.tasks]
+        self.shapes = [shape_of(r) for r in requests]
+        self.shaped = any(s is not None for s in self.shapes)
+        too_big = getattr(self.launcher, "too_big", None)
+        if self.shaped and too_big is not None:
+            problems = [f"task {t.name} {why}" for t, r, s in zip(graph.tasks, requests, self.shapes)
+                        if s is not None and (why := too_big(r))]
+            if problems:
+                self._lost("; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+    def _shape(self, specs: Sequence[P.TaskSpec]) -> List[P.TaskSpec]:
+        """Specs with their resource shape. A follower goes along with its predecessor only if both
+        ask for nothing special; otherwise it waits here until the predecessor succeeded, then goes
+        on its own (a GPU task must not follow a CPU task onto a CPU worker)."""
+        shapes, out = self.shapes, []
+        for s in specs:
+            shape = shapes[s.key]
+            if s.after is not None and (shape is not None or shapes[s.after] is not None):
+                self.held.setdefault(s.after, []).append(s)
+            else:
+                out.append(s if shape is None or s.shape is not None else dataclasses.replace(s, shape=shape))
+        return out
+
+    def _release(self, msg: P.ClientReport) -> Optional[P.ClientReport]:
+        """Followers held here: on their way when their predecessor succeeded, handed back otherwise."""
+        go: List[P.TaskSpec] = []
+        back: List[P.TaskReturned] = []
+        ended = [(r.key, r.error is None) for r in msg.done] + [(x.key, False) for x in msg.lost + msg.returned]
+        for key, ok in ended:
+            for f in self.held.pop(key, ()):
+                if ok:
+                    go.append(dataclasses.replace(f, after=None))
+                else:
+                    back.append(P.TaskReturned(f.key, f.attempt, "its predecessor did not succeed"))
+        if go:
+            self.submit(go, {})
+        if back:
+            return dataclasses.replace(msg, returned=msg.returned + tuple(back))
+        return msg
+
+    def _drop_held(self, keys: Optional[Sequence[int]]) -> None:
+        """Cancelled: held followers of these tasks go; those of a cancelled predecessor go back."""
+        if keys is None:
+            self.held = {}
+            return
+        gone, back = set(keys), []
+        for k in list(self.held):
+            left = [f for f in self.held[k] if f.key not in gone]
+            if k in gone:
+                del self.held[k]
+                back += left
+            else:
+                self.held[k] = left
+        if back:
+            self.scheduler.tell(P.ClientReport(returned=tuple(
+                P.TaskReturned(f.key, f.attempt, "its predecessor was cancelled") for f in back)))
 
     def _start(self) -> None:
         from .client import DispatcherClient
@@ -125,6 +191,8 @@ class DispatcherBackend(Backend):
         except Exception:
             log.exception("observing a dispatcher message failed")
         if isinstance(msg, P.ClientReport):
+            if self.held:
+                msg = self._release(msg)
             if not self._closing:
                 try:
                     self.scheduler.tell(msg)
@@ -151,9 +219,13 @@ class DispatcherBackend(Backend):
     def submit(self, specs, functions) -> None:
         if not self._started:
             self._start()
+        if self.shaped:
+            specs = self._shape(specs)
         self.client.send(P.Submit(tuple(specs), dict(functions)))
 
     def cancel(self, keys, reason) -> None:
+        if self.held:
+            self._drop_held(keys)
         if self.client is not None:
             self.client.send(P.CancelTasks(None if keys is None else tuple(keys), reason))
 

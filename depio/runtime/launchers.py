@@ -17,6 +17,7 @@ import time
 from typing import Callable, List, Optional, Set
 
 from . import protocol as P
+from .resources import Resources, fits, local_offer
 
 log = logging.getLogger("depio.launchers")
 
@@ -64,6 +65,14 @@ class LocalLauncher:
         self._lock = threading.Lock()
         self._exited = threading.Condition()     # notified by the watch threads as workers end
         self.on_all_gone: Optional[Callable[[str], None]] = None
+
+    def too_big(self, request: Resources) -> Optional[str]:
+        """Why no slot of this machine's workers could run a task asking `request` (None: one can)."""
+        offer = local_offer(self.slots)
+        if fits(request, offer):
+            return None
+        return (f"asks for {request.describe()}, more than this machine has for one of its worker slots "
+                f"({offer.cpus} CPUs, {offer.gpus} GPU(s), {offer.mem_mb} MB memory)")
 
     def start(self, address: str, key: bytes) -> None:
         self.address, self.key = address, key
