@@ -101,3 +101,16 @@ def test_slurm_example_runs(example, mode, workdir, slurm_cluster):
     r = run_script(ROOT / example, workdir, timeout=280, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.rstrip().endswith("All jobs done! Exit.")
+
+
+@pytest.mark.timeout(150)
+def test_rerun_example_reruns_only_the_edited_function(workdir):
+    r = run_script(ROOT / "examples/rerun_demo.py", workdir, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first, cosmetic, edited = r.stdout.split("--- ")[1:]
+    assert "clean: product missing: build/clean.csv" in first
+    assert "clean: up to date\ntotal: up to date" in cosmetic and "FINISHED" not in cosmetic
+    assert "clean: up to date\ntotal: code of total changed (build/rerun_steps.py, def at line 11)" in edited
+    final = edited[edited.rindex("Tasks:"):]
+    assert final.count("SKIPPED") == 1 and final.count("FINISHED") == 1
+    assert (workdir / "build" / "total.txt").read_text() == "3"

@@ -53,10 +53,12 @@ def build_reason(task, upstream_ran: Optional[bool] = None) -> Optional[str]:
         return None
     if mode is ALWAYS:
         return "build mode ALWAYS"
+    products = task.products
+    if mode is IF_CHANGED and products and task._state is not None:
+        return task._state.check_changed(task)       # missing products too, with one stat a file
     missing = task.missing_products()
     if missing:
         return f"product missing: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
-    products = task.products
     if mode is IF_MISSING:
         reason = None if products else NO_PRODUCTS
     elif mode is IF_NEW:
