@@ -140,34 +140,36 @@ def _run_folder(args: argparse.Namespace) -> Path:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from .view.logs import list_runs, log_root
-    if args.runs:
-        root = Path(args.dir).expanduser() if args.dir else log_root()
-        if root is None or not root.is_dir():
-            raise CliError(f"no logs at {root}")
-        for r in list_runs(root):
-            print(r.name)
+    from .view.logs import list_runs, log_root, stdout_closed, task_files
+    try:
+        if args.runs:
+            root = Path(args.dir).expanduser() if args.dir else log_root()
+            if root is None or not root.is_dir():
+                raise CliError(f"no logs at {root}")
+            for r in list_runs(root):
+                print(r.name)
+            return 0
+        folder = _run_folder(args)
+        files = sorted(folder.iterdir(), key=lambda p: (_id_of(p.name), p.suffix != ".out", p.name))
+        if not args.task:
+            print(f"{folder}:")
+            for f in files:
+                print(f"  {f.name}  ({f.stat().st_size} bytes)")
+            if not files:
+                print("  (no task printed anything)")
+            return 0
+        want = args.task
+        chosen = task_files(files, want)
+        if not chosen:
+            raise CliError(f"no log file of task {want!r} in {folder} (a task that printed nothing has none)")
+        for f in chosen:
+            which = "stdout" if f.suffix == ".out" else "stderr"
+            print(f"==> {f} ({which}) <==")
+            sys.stdout.write(f.read_text(errors="replace"))
+            sys.stdout.flush()
         return 0
-    folder = _run_folder(args)
-    files = sorted(folder.iterdir(), key=lambda p: (_id_of(p.name), p.suffix != ".out", p.name))
-    if not args.task:
-        print(f"{folder}:")
-        for f in files:
-            print(f"  {f.name}  ({f.stat().st_size} bytes)")
-        if not files:
-            print("  (no task printed anything)")
-        return 0
-    want = args.task
-    chosen = [f for f in files if want.isdigit() and _id_of(f.name) == int(want)
-              or not want.isdigit() and f.stem.split("-", 1)[-1] == want]
-    if not chosen:
-        raise CliError(f"no log file of task {want!r} in {folder} (a task that printed nothing has none)")
-    for f in chosen:
-        which = "stdout" if f.suffix == ".out" else "stderr"
-        print(f"==> {f} ({which}) <==")
-        sys.stdout.write(f.read_text(errors="replace"))
-        sys.stdout.flush()
-    return 0
+    except BrokenPipeError:      # `depio logs | head`: the reader has what it wanted
+        return stdout_closed()
 
 
 def _id_of(name: str) -> int:
