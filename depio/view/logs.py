@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
@@ -41,6 +42,24 @@ def safe_name(name: str, limit: int = 60) -> str:
     """A task name made safe as part of a file name."""
     s = re.sub(r"[^A-Za-z0-9._+-]+", "_", str(name)).strip("._") or "task"
     return s[:limit]
+
+
+def task_files(files: Iterable[Path], want: str) -> List[Path]:
+    """The log files of task `want`: an id, or a name as given (`a/b/c`, `données`), matched
+    against the made-safe name in the file names too."""
+    if want.isdigit():
+        return [f for f in files if f.name.split("-", 1)[0].isdigit() and int(f.name.split("-", 1)[0]) == int(want)]
+    names = {want, safe_name(want)}
+    return [f for f in files if f.stem.split("-", 1)[-1] in names]
+
+
+def stdout_closed() -> int:
+    """The reader of our output went away (`depio logs | head`): say nothing more, exit 0. Further
+    writes (and the interpreter's final flush) go to /dev/null instead of raising BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 def task_file_stem(task) -> str:
@@ -199,5 +218,6 @@ class LogWriter:
         return path
 
 
-__all__ = ["RunLogs", "LogWriter", "log_root", "list_runs", "safe_name", "task_file_stem", "LOG_DIR_ENV",
+__all__ = ["RunLogs", "LogWriter", "log_root", "list_runs", "safe_name", "task_file_stem", "task_files",
+           "stdout_closed", "LOG_DIR_ENV",
            "LOG_KEEP_ENV", "DEFAULT_LOG_DIR"]

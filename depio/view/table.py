@@ -38,6 +38,15 @@ def _paths(paths) -> str:
 
 # ---------------------------------------------------------------- the README table
 
+def printable(text: str) -> str:
+    """A name as one table cell: newlines, tabs, NUL and other control characters escaped (a task
+    name is any string; printed raw it would break the table, or the terminal)."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def task_rows(tasks: Sequence[Task], color: bool, hide_successful: bool = False, limit: Optional[int] = None,
               reason: bool = False) -> List[list]:
     rows = []
@@ -48,7 +57,7 @@ def task_rows(tasks: Sequence[Task], color: bool, hide_successful: bool = False,
         if limit is not None and len(rows) >= limit:
             break
         text = _colored(s.name, t.statuscolor(s), color)
-        row = [t._queue_id, t.name, t._slurmid, t._slurmstate, text,
+        row = [t._queue_id, printable(t.name), t._slurmid, t._slurmstate, text,
                str([d._queue_id for d in t.task_dependencies or []]),
                _paths(t.path_dependencies), _paths(t.products)]
         if reason:
@@ -149,7 +158,7 @@ def render_dry_run(tasks: Sequence[Task], decisions: Sequence[Optional[str]], co
     rows = []
     for t, reason in zip(tasks, decisions):
         action = "run" if reason is not None else "skip"
-        rows.append([t._queue_id, t.name, _colored(action, "yellow" if reason is not None else "green", color),
+        rows.append([t._queue_id, printable(t.name), _colored(action, "yellow" if reason is not None else "green", color),
                      reason if reason is not None else (t.reason or "up to date"),
                      str([d._queue_id for d in t.task_dependencies or []]), _paths(t.products)])
     n_run = sum(1 for r in decisions if r is not None)
