@@ -67,10 +67,11 @@ class ResultSender:
         with self._lock:
             if not self._done:
                 self._since = time.monotonic()
-                self._pending.notify()
             self._done.append((jid, result))
             if last or time.monotonic() - self._since >= FLUSH_AFTER:
                 self._send()
+            elif len(self._done) == 1:
+                self._pending.notify()     # only results held back need the flusher (not a batch of one)
 
     def _send(self) -> None:
         self._sock.sendall(frame(("done", self._done)))
