@@ -38,15 +38,17 @@ class Boom:
 def test_roundtrip_and_signature_covers_header_and_body():
     msg = P.RequestWork(3)
     frames = P.encode(msg, KEY)
-    assert frames[0] == P.HEADER and len(frames[2]) == P.MAC_SIZE
+    assert frames[0] == P.HEADER and len(frames) == 4 and len(frames[3]) == P.MAC_SIZE
     assert P.decode(frames, KEY) == msg
     with pytest.raises(P.ProtocolError) as e:
         P.decode(frames, OTHER_KEY)
     assert e.value.kind == "signature"
-    tampered = [frames[0], frames[1][:-1] + bytes([frames[1][-1] ^ 1]), frames[2]]
-    with pytest.raises(P.ProtocolError) as e:
-        P.decode(tampered, KEY)
-    assert e.value.kind == "signature"
+    for i in (1, 2):      # the meta (connection, number) and the body are both signed
+        tampered = list(frames)
+        tampered[i] = frames[i][:-1] + bytes([frames[i][-1] ^ 1])
+        with pytest.raises(P.ProtocolError) as e:
+            P.decode(tampered, KEY)
+        assert e.value.kind == "signature"
 
 
 @pytest.mark.parametrize("frames, kind", [
@@ -58,7 +60,7 @@ def test_roundtrip_and_signature_covers_header_and_body():
     ([P.HEADER, b"body", b"\0" * 31], "signature"),            # truncated MAC
     ([b"depio/99", b"body", b"\0" * 32], "version"),
     ([b"http/1.1", b"body", b"\0" * 32], "malformed"),
-    ([P.HEADER, b"a", b"b", b"c"], "malformed"),
+    ([P.HEADER, b"a", b"b", b"c", b"d"], "malformed"),
     ([P.REFUSED_HEADER, b"go away"], "malformed"),             # unsigned refusal: not for the dispatcher
 ])
 def test_bad_frames_are_rejected(frames, kind):

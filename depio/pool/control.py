@@ -8,24 +8,40 @@ from typing import Any, Dict
 import zmq
 
 from ..runtime import protocol as P
+from ..runtime.session import PeerSession
 from .registry import PoolInfo, pid_alive, resolve_pool
 
 
 def request(info: PoolInfo, msg: object, timeout: float = 5.0) -> object:
-    """One request/answer with a pool's dispatcher over its client socket."""
+    """One request/answer with a pool's dispatcher over its client socket, in a session of its own
+    (`depio.runtime.session`): a `StopRequest` goes after a `StatusRequest` has opened it, so that a
+    captured stop, sent again, stops nothing."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    session = PeerSession()
     try:
         if "[" in info.client_address:
             sock.setsockopt(zmq.IPV6, 1)
         sock.connect(info.client_address)
-        sock.send_multipart(P.encode(msg, info.key_bytes))
-        if not sock.poll(timeout * 1000):
-            raise TimeoutError(f"pool {info.name!r} at {info.client_address} did not answer within {timeout:g} s")
-        return P.decode(sock.recv_multipart(), info.key_bytes, accept_refusal=True)
+        for m in ([P.StatusRequest()] if isinstance(msg, P.StatusRequest) else [P.StatusRequest(), msg]):
+            sock.send_multipart(P.encode(m, info.key_bytes, session.meta()))
+            reply = _answer(sock, info, session, timeout)
+            if isinstance(reply, P.Refused):
+                return reply
+        return reply
     finally:
         sock.close()
+
+
+def _answer(sock: zmq.Socket, info: PoolInfo, session: PeerSession, timeout: float) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            raise TimeoutError(f"pool {info.name!r} at {info.client_address} did not answer within {timeout:g} s")
+        reply, meta = P.decode_meta(sock.recv_multipart(), info.key_bytes, accept_refusal=True)
+        if (meta == b"" and type(reply) is P.Refused) or session.check(meta, False) is None:
+            return reply
 
 
 def status(spec: str) -> Dict[str, Any]:

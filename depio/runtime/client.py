@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -20,11 +21,19 @@ from typing import Callable, Deque, Optional, Tuple
 
 import zmq
 
+from . import limits
 from . import protocol as P
 from .inbox import DrivenLoop, drain_pipe
 from .liveness import Liveness
+from .session import PeerSession
 
 log = logging.getLogger("depio.client")
+
+
+def pipeline_context() -> Tuple[str, Tuple[str, ...]]:
+    """This process's working directory and import path (the script's folder first), absolute."""
+    cwd = os.getcwd()
+    return cwd, tuple(os.path.abspath(p) if p else cwd for p in sys.path)
 
 
 class DispatcherClient(DrivenLoop):
@@ -47,6 +56,9 @@ class DispatcherClient(DrivenLoop):
         self._outbox: Deque[object] = deque()
         self._wake_r = self._wake_w = -1
         self._own_pipe = True
+        self.session = PeerSession()
+        self.max_message = limits.max_message()
+        self.context = pipeline_context()   # its tasks see it on the pool's workers, as they would here
 
     @property
     def heartbeat(self) -> float:
@@ -68,6 +80,7 @@ class DispatcherClient(DrivenLoop):
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        limits.limit_socket(sock, self.max_message)
         if "[" in self.address or "::" in self.address:
             sock.setsockopt(zmq.IPV6, 1)
         sock.connect(self.address)
@@ -77,7 +90,8 @@ class DispatcherClient(DrivenLoop):
         now = time.monotonic()
         self.peer.heard(now)
         self.peer.sent(now)
-        P.send_frames(sock, P.encode(P.ClientHello(self.name), self.key))
+        cwd, path = self.context
+        P.send_frames(sock, P.encode(P.ClientHello(self.name, cwd=cwd, path=path), self.key, self.session.meta()))
         if threaded:
             self._thread = threading.Thread(target=self._run, name="depio-client", daemon=True)
             self._thread.start()
@@ -124,7 +138,11 @@ class DispatcherClient(DrivenLoop):
         """One turn: wait (until the next heartbeat or expiry is due; not at all when `block` is false
         or messages are queued), send what is queued, hand on what arrived, keep the heartbeat."""
         try:
-            wait = max(0.0, self.peer.next_deadline() - time.monotonic()) * 1000 if block and not self._outbox else 0
+            if not block or (self._outbox and self.welcome is not None):
+                wait = 0.0
+            else:        # before the welcome no heartbeat goes out: wait for it, or for the connect timeout
+                due = self.peer.next_deadline() if self.welcome else self.peer.last_heard + self.connect_timeout
+                wait = max(0.0, due - time.monotonic()) * 1000
             events = dict(self._poller.poll(wait))
             now = time.monotonic()
             if self._wake_r in events:
@@ -137,11 +155,14 @@ class DispatcherClient(DrivenLoop):
                 if lost is not None:
                     self._finish(lost)
                     return False
+                if self._outbox and self._send_outbox(now):     # held until the welcome came
+                    self._finish(None)
+                    return False
             if self._stop and not events:
                 self._finish(None)
                 return False
-            if self.peer.heartbeat_due(now):      # the pool must not drop this pipeline
-                P.send_frames(self._sock, P.encode(P.Heartbeat(), self.key))
+            if self.welcome is not None and self.peer.heartbeat_due(now):   # the pool must not drop us
+                P.send_frames(self._sock, P.encode(P.Heartbeat(), self.key, self.session.meta()))
                 self.peer.sent(now)
             if self.peer.expired(now) if self.welcome else self.peer.silence(now) > self.connect_timeout:
                 self._finish(f"the dispatcher at {self.address} went silent ({self.peer.silence(now):.1f} s "
@@ -159,14 +180,35 @@ class DispatcherClient(DrivenLoop):
         self._finish(None)
 
     def _send_outbox(self, now: float) -> bool:
-        """Send what other code queued; True if that included our goodbye (after `close`)."""
+        """Send what other code queued; True if that included our goodbye (after `close`). Nothing
+        goes before the dispatcher's welcome: a message carries the session it opened (replays)."""
+        if self.welcome is None:
+            return self._stop and any(isinstance(m, P.ClientBye) for m in self._outbox)
         bye = False
         while self._outbox:
             msg = self._outbox.popleft()
-            P.send_frames(self._sock, P.encode(msg, self.key))
+            for frames in self._parts(msg):
+                P.send_frames(self._sock, frames)
             self.peer.sent(now)
             bye = bye or (self._stop and isinstance(msg, P.ClientBye))
         return bye
+
+    def _parts(self, msg: object) -> list:
+        """The frame sets for `msg`: a Submit over the size limit goes in parts, and a task that alone
+        does not fit fails here, with the reason (it is never sent, so never dropped unsaid)."""
+        try:
+            return limits.encode_parts(msg, self.key, self.session.meta, self.max_message)
+        except limits.MessageTooBig as e:
+            if not isinstance(e.msg, P.Submit):
+                log.error("not sent to the dispatcher: %s", e)
+                return []
+            for spec in e.msg.tasks:
+                why = limits.task_too_big(spec.name, e.size, e.limit)
+                now = time.time()
+                self.on_message(P.ClientReport(done=(P.TaskResult(
+                    spec.key, spec.attempt, now, now, "", "", {"kind": "TaskRaisedExceptionException",
+                    "type": "MessageTooBig", "message": why, "traceback": "", "summary": why}, None, "pipeline"),)))
+            return []
 
     def _receive(self, now: float) -> Optional[str]:
         """Hand on what arrived; the reason the connection ends, if it does."""
@@ -174,7 +216,11 @@ class DispatcherClient(DrivenLoop):
             frames = P.recv_frames(self._sock)
             self.peer.heard(now)
             try:
-                msg = P.decode(frames, self.key, accept_refusal=True)
+                msg, meta = P.decode_meta(frames, self.key, accept_refusal=True)
+                why = None if meta == b"" and type(msg) is P.Refused else \
+                    self.session.check(meta, type(msg) in (P.Reregister, P.Shutdown))
+                if why is not None:
+                    raise P.ProtocolError("replay", why)
             except P.ProtocolError as e:
                 log.error("dropped a message from the dispatcher at %s: %s", self.address, e)
                 if e.kind in ("signature", "version"):
@@ -184,6 +230,7 @@ class DispatcherClient(DrivenLoop):
             if isinstance(msg, P.ClientWelcome):
                 self.welcome = msg
                 self.peer.interval, self.peer.liveness = msg.heartbeat_interval, msg.liveness
+                self.max_message = msg.max_message or self.max_message
                 self._welcomed.set()
             elif isinstance(msg, P.Refused):
                 self._refused = msg.reason

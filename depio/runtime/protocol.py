@@ -1,11 +1,12 @@
 """The wire protocol between pipelines (clients), the dispatcher and workers.
 
-Every message is a small frozen dataclass. On the wire it is three ZeroMQ frames:
+Every message is a small frozen dataclass. On the wire it is four ZeroMQ frames:
 
-    [b"depio/<version>", body, mac]
+    [b"depio/<version>", meta, body, mac]
 
-`body` is the message pickled as a plain tuple `(tag, field, ...)` (see `to_wire`) and `mac` a
-keyed BLAKE2b over the first two frames with the shared key (see `sign`). `decode` checks the version and the signature *before* unpickling, because unpickling is code
+`meta` binds the message to its connection and numbers it (`depio.runtime.session`: replays are
+refused), `body` is the message pickled as a plain tuple `(tag, field, ...)` (see `to_wire`) and `mac`
+a keyed BLAKE2b over the first three frames with the shared key (see `sign`). `decode` checks the version and the signature *before* unpickling, because unpickling is code
 execution: a peer without the key can make the dispatcher do nothing but count and drop.
 Task payloads (functions, arguments, return values) travel inside messages as opaque bytes
 (cloudpickle) that only workers and the owning pipeline unpickle.
@@ -28,8 +29,9 @@ import zmq
 # the keys have a module of their own; callers reach them as `protocol.X` too
 from .keys import (KEY_ENV, MAKE_KEY_HINT, KeyRequiredError, check_key_file, is_loopback,  # noqa: F401
                    key_for_bind, key_from_hex, load_key, new_key)
+from .session import NO_SESSION
 
-PROTOCOL_VERSION = 4      # 2: messages travel as tuples (`to_wire`); 3: TaskLost.started; 4: followers
+PROTOCOL_VERSION = 5      # 2: tuples (`to_wire`); 3: TaskLost.started; 4: followers; 5: sessions (replays)
 HEADER = b"depio/%d" % PROTOCOL_VERSION
 HEADER_PREFIX = b"depio/"
 REFUSED_HEADER = b"depio/refused"   # an unsigned, plain-text refusal any version can read
@@ -94,6 +96,7 @@ class Register:
 class Welcome:
     heartbeat_interval: float
     liveness: int
+    max_message: int = 0          # the dispatcher's size limit on one message (bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,8 @@ class RunTasks:
     functions: Dict[bytes, bytes] = field(default_factory=dict)
     # (job id, job id of its predecessor): followers, held until that job succeeds on this worker
     after: Tuple[Tuple[int, int], ...] = ()
+    # a pool's: (index in tasks, pipeline id, cwd, import path) where a pipeline's tasks begin (cwd "": known)
+    places: Tuple[Tuple[int, int, str, Tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +163,8 @@ class ClientHello:
     host: str = field(default_factory=platform.node)
     pid: int = field(default_factory=os.getpid)
     runtime: Dict[str, str] = field(default_factory=runtime_signature)
+    cwd: str = ""                 # where its tasks run, and their import path (once per pipeline, not per task)
+    path: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +172,7 @@ class ClientWelcome:
     client_id: int
     heartbeat_interval: float
     liveness: int
+    max_message: int = 0          # the dispatcher's size limit on one message (bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,34 +357,40 @@ def recv_frames(sock: zmq.Socket) -> List[bytes]:
     return parts
 
 
-def encode(msg: object, key: bytes) -> list:
+def encode(msg: object, key: bytes, meta: bytes = NO_SESSION) -> list:
     body = pickle.dumps(to_wire(msg), protocol=5)
-    return [HEADER, body, sign(key, HEADER + body)]
+    return [HEADER, meta, body, sign(key, HEADER + meta + body)]
 
 
 def decode(frames: list, key: bytes, accept_refusal: bool = False) -> object:
-    """Check version and signature, then unpickle. Raises ProtocolError.
+    """Check version and signature, then unpickle. Raises ProtocolError. See `decode_meta`."""
+    return decode_meta(frames, key, accept_refusal)[0]
+
+
+def decode_meta(frames: list, key: bytes, accept_refusal: bool = False) -> Tuple[object, bytes]:
+    """The message and its meta frame (connection and number, checked by `depio.runtime.session`).
 
     `accept_refusal`: also take the plain-text, unsigned refusal (a worker or pipeline needs to read why
     a dispatcher of another version or key turned it away). The dispatcher never accepts one: an unsigned
     message must not count as a sign of life or do anything else there."""
-    if len(frames) != 3:
+    if len(frames) not in (3, 4):     # 3: a peer of protocol version 4 or older (its header says so)
         if accept_refusal and len(frames) == 2 and bytes(frames[0]) == REFUSED_HEADER:
-            return Refused(bytes(frames[1])[:4096].decode("utf-8", "replace"))
+            return Refused(bytes(frames[1])[:4096].decode("utf-8", "replace")), b""
         raise ProtocolError("malformed", f"{len(frames)} frames")
-    header, body, mac = (bytes(f) for f in frames)
+    header, body, mac = bytes(frames[0]), bytes(frames[-2]), bytes(frames[-1])
+    meta = bytes(frames[1]) if len(frames) == 4 else b""
     if header != HEADER:
         if header.startswith(HEADER_PREFIX):
             raise ProtocolError("version", f"peer speaks {header.decode('ascii', 'replace')}, "
                                            f"this side {HEADER.decode()}")
         raise ProtocolError("malformed", "not a depio message")
-    if len(mac) != MAC_SIZE or not hmac.compare_digest(mac, sign(key, header + body)):
+    if len(mac) != MAC_SIZE or not hmac.compare_digest(mac, sign(key, header + meta + body)):
         raise ProtocolError("signature", "bad or missing signature (wrong key?)")
     try:
         wire = pickle.loads(body)
     except Exception as e:   # signed but unreadable: a bug on the other side, not an attack
         raise ProtocolError("malformed", f"cannot unpickle body: {e}") from None
-    return from_wire(wire)
+    return from_wire(wire), meta
 
 
 def refusal(reason: str) -> list:

@@ -3,24 +3,34 @@
 Two ROUTER sockets: workers connect to one and, in a pool, pipelines (clients) to the other. What
 arrives is checked (version, signature) before it is unpickled; a bad message is counted and
 dropped, and a peer that speaks another protocol version or signs with another key hears why once,
-in plain text. A peer that cannot be reached any more (ROUTER_MANDATORY: EHOSTUNREACH) is noted in
-the debug log: its liveness, not the send, decides that it is gone.
+in plain text. Each message must be the next of its connection (`depio.runtime.session`): a replay
+is counted and dropped like a bad signature. Sizes are bounded (`depio.runtime.limits`): a peer
+without a session may send only small frames, so what a stranger sends costs no MAC over megabytes
+and is never held. A message that a handler cannot take (a malformed one, signed: a bug or a rogue key
+holder) is that peer's error: the handler's `on_error` refuses the peer, everyone else is served on.
+A peer that cannot be reached any more (ROUTER_MANDATORY: EHOSTUNREACH) is noted in the debug log:
+its liveness, not the send, decides that it is gone.
 """
 from __future__ import annotations
 
 import logging
 from collections import deque
+from operator import attrgetter
 from typing import Callable, Deque, Dict, Mapping, Optional, Set, Tuple
 
 import zmq
 
+from . import limits
 from . import protocol as P
+from .session import DispatcherSessions
 
 log = logging.getLogger("depio.dispatcher")
 
 # plain ints: pyzmq's flag enums cost a Python-level call on every `&` of the loop
 _POLLIN, _EVENTS = int(zmq.POLLIN), int(zmq.EVENTS)
 _MAX_PEERS_NOTED = 10000    # so that a flood of identities cannot grow these sets without bound
+_DIGEST, _KEY = attrgetter("func_digest"), attrgetter("key")
+HELLOS = (P.Register, P.ClientHello, P.StatusRequest)     # the messages that open a session
 
 
 def runtime_mismatch(runtime: Mapping[str, str]) -> str:
@@ -33,9 +43,10 @@ def runtime_mismatch(runtime: Mapping[str, str]) -> str:
 def bind_router(ctx: zmq.Context, address: str) -> zmq.Socket:
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)      # outbound: never dropped (a ROUTER at its mark drops)
+    sock.setsockopt(zmq.RCVHWM, limits.ROUTER_RCVHWM)    # inbound: backpressure on that peer, never a drop
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    limits.limit_socket(sock, limits.max_message())
     if address.startswith("tcp://") and ("[" in address or "::" in address):
         sock.setsockopt(zmq.IPV6, 1)
     sock.bind(address)
@@ -48,6 +59,8 @@ class Wire:
 
     def __init__(self, key: bytes) -> None:
         self.key = key
+        self.max_message = limits.max_message()
+        self.sessions = DispatcherSessions()
         self.workers: Optional[zmq.Socket] = None
         self.clients: Optional[zmq.Socket] = None
         self.worker_address = self.client_address = ""
@@ -75,10 +88,13 @@ class Wire:
             self.clients.close(linger=200)
 
     def send(self, sock: zmq.Socket, identity: bytes, msg: object) -> bool:
-        """Send `msg` to peer `identity`; False (noted in the debug log) if the socket refuses, i.e.
-        the peer has disconnected."""
+        """Send `msg` to peer `identity` (in parts if it is over the size limit); False (noted in the
+        debug log) if the socket refuses, i.e. the peer has disconnected. Raises limits.MessageTooBig
+        for a message that cannot be split and does not fit."""
+        parts = limits.encode_parts(msg, self.key, lambda: self.sessions.meta(identity), self.max_message)
         try:
-            P.send_frames(sock, [identity] + P.encode(msg, self.key))
+            for frames in parts:
+                P.send_frames(sock, [identity] + frames)
             return True
         except zmq.ZMQError as e:
             log.debug("cannot send %s to peer %s: %s", type(msg).__name__, identity.hex()[:16], e)
@@ -96,8 +112,11 @@ class Wire:
         self.send(sock, identity, P.Refused(reason))
         return False
 
-    def drain(self, sock: zmq.Socket, kind: str, handler: Callable[[bytes, object], None]) -> None:
-        """Hand what arrived on `sock` (the `kind` socket) to `handler(identity, msg)`."""
+    def drain(self, sock: zmq.Socket, kind: str, handler: Callable[[bytes, object], None],
+              on_error: Callable[[bytes, object, Exception], None]) -> None:
+        """Hand what arrived on `sock` (the `kind` socket) to `handler(identity, msg)`; a handler that
+        raises hands the peer to `on_error(identity, msg, error)`."""
+        known = self.sessions.by_identity
         for _ in range(1000):     # bounded, so that a flooded socket delays neither the other one nor assignment
             if not sock.getsockopt(_EVENTS) & _POLLIN:    # cheaper than a zmq.Again raised
                 return
@@ -106,13 +125,48 @@ class Wire:
                 self._bad(kind, b"", P.ProtocolError("malformed", "no identity frame"))
                 continue
             identity = frames[0]
+            if identity not in known and sum(map(len, frames)) > limits.STRANGER_MAX:
+                self._bad(kind, identity, P.ProtocolError("oversized", "a big message from a peer without a session"))
+                continue
             try:
-                msg = P.decode(frames[1:], self.key)
+                msg, meta = P.decode_meta(frames[1:], self.key)
             except P.ProtocolError as e:
                 self._bad(kind, identity, e)
                 self._refuse_once(sock, kind, identity, e)
                 continue
-            handler(identity, msg)
+            why = self.sessions.check(identity, meta, type(msg) in HELLOS)
+            if why is not None:
+                self._bad(kind, identity, P.ProtocolError("replay", why))
+                if why == "unknown connection":
+                    self._notice_once(sock, kind, identity, meta)
+                continue
+            try:
+                handler(identity, msg)
+            except Exception as e:      # that peer's error, not the dispatcher's
+                on_error(identity, msg, e)
+
+    def check_submit(self, msg: P.Submit, functions: Mapping[bytes, bytes]) -> None:
+        """Raise ValueError for a `Submit` the dispatcher cannot take: a task naming a function never
+        sent, or not keyed by an int (C-speed checks, not a loop in Python per task)."""
+        missing = set(map(_DIGEST, msg.tasks)).difference(functions)
+        if missing:
+            raise ValueError(f"{len(missing)} function digest(s) never sent, e.g. {next(iter(missing))!r:.40}")
+        if not set(map(type, map(_KEY, msg.tasks))) <= {int}:
+            raise ValueError("task keys must be ints")
+
+    def _notice_once(self, sock: zmq.Socket, kind: str, identity: bytes, meta: bytes) -> None:
+        """A signed message of a connection we do not know (we restarted, or forgot a lost peer): tell
+        it once, bound to that connection, to start again."""
+        peer = (kind, identity)
+        if peer in self._refused_peers or len(self._refused_peers) >= _MAX_PEERS_NOTED:
+            return
+        self._refused_peers.add(peer)
+        why = "this dispatcher does not know the connection (it restarted, or declared the peer lost)"
+        msg = P.Reregister(why) if kind == "worker" else P.Shutdown(why)
+        try:
+            P.send_frames(sock, [identity] + P.encode(msg, self.key, DispatcherSessions.notice_meta(meta)))
+        except zmq.ZMQError as e:
+            log.debug("cannot send the notice to peer %s: %s", identity.hex()[:16], e)
 
     def _bad(self, kind: str, identity: bytes, err: P.ProtocolError) -> None:
         """Count and drop; log only the first bad message of each peer, so a flood cannot flood the log."""
