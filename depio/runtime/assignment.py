@@ -1,7 +1,7 @@
 """Which worker runs which task: the dispatcher's bookkeeping, without sockets.
 
-Clients (pipelines) queue tasks; workers ask for work with credits. A fair round-robin over the
-clients with queued work shares the credits, idle slots first. Each task handed out is a `Job` in
+Clients (pipelines) queue tasks; workers ask for work with credits, idle slots first, each to the
+client holding the fewest slots (`depio.runtime.fairshare`). Each task handed out is a `Job` in
 the in-flight table until its worker reports it done or returned, or the worker is lost.
 
 Followers (`TaskSpec.after`): a pipeline may hand out a task whose one unfinished dependency is in
@@ -27,6 +27,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Se
 from . import protocol as P
 from .liveness import Liveness
 from .protocol import TaskSpec
+from .fairshare import Batch, charge_lost, take
 from .routing import Routing
 
 _AFTER = operator.attrgetter("after")
@@ -47,6 +48,7 @@ class WorkerInfo:
     jobs: Set[int] = field(default_factory=set)
     functions: Set[bytes] = field(default_factory=set)
     done: int = 0
+    contexts: Set[int] = field(default_factory=set)     # pipelines whose working directory it has
 
 
 @dataclass(eq=False)
@@ -68,6 +70,7 @@ class ClientInfo:
     followers: Dict[int, List[TaskSpec]] = field(default_factory=dict)
     waiting: Set[int] = field(default_factory=set)
     follower_jobs: Dict[int, int] = field(default_factory=dict)
+    context: Optional[Tuple[str, Tuple[str, ...]]] = None    # a pool's client: working directory, import path
 
     def forget_job(self, jid: int, key: int) -> None:
         """Job `jid` (of task `key`) is over or given up on."""
@@ -96,20 +99,6 @@ class Report:
 
     def message(self) -> P.ClientReport:
         return P.ClientReport(tuple(self.started), tuple(self.done), tuple(self.lost), tuple(self.returned))
-
-
-class Batch:
-    """Jobs for one worker in one `RunTasks`: the tasks, the functions it lacks, who follows whom."""
-    __slots__ = ("worker", "tasks", "functions", "after")
-
-    def __init__(self, worker: WorkerInfo) -> None:
-        self.worker = worker
-        self.tasks: List[Tuple[int, TaskSpec]] = []
-        self.functions: Dict[bytes, bytes] = {}
-        self.after: List[Tuple[int, int]] = []
-
-    def message(self) -> P.RunTasks:
-        return P.RunTasks(tuple(self.tasks), self.functions, tuple(self.after))
 
 
 class WorkerRegistry:
@@ -218,16 +207,10 @@ class Assignment:
         return job
 
     def lose_worker(self, w: WorkerInfo, reason: str) -> None:
-        """Forget the worker and hand each of its jobs back to its client as lost (saying whether
-        it had started)."""
+        """Forget the worker and hand each of its jobs back to its client as lost (charged to those
+        its slots had taken: `fairshare.charge_lost`)."""
         self.workers.remove(w.identity)
-        for jid in sorted(w.jobs):
-            job = self.jobs.pop(jid, None)
-            if job is None:
-                continue
-            job.client.forget_job(jid, job.spec.key)
-            self.report(job.client).lost.append(P.TaskLost(job.spec.key, job.spec.attempt, reason, job.started))
-        w.jobs.clear()
+        charge_lost(self, w, reason)
 
     # ------------------------------------------------------------ clients
     def queue(self, c: ClientInfo, specs: Tuple[TaskSpec, ...]) -> List[Tuple[WorkerInfo, P.RunTasks]]:
@@ -330,35 +313,12 @@ class Assignment:
                     batch = batches.get(w.identity)
                     if batch is None:
                         batch = batches[w.identity] = Batch(w)
-                    self._take(batch, n)
+                    take(self, batch, n, prefetch)
                 if not self._rr:
                     break
             if not self._rr:
                 break
         return [(b.worker, b.message()) for b in batches.values() if b.tasks]
-
-    def _take(self, batch: Batch, n: int) -> None:
-        """Up to `n` tasks for the batch's worker, round-robin over the clients with queued work
-        (their followers go along without using credits)."""
-        w = batch.worker
-        rr = self._rr
-        while n > 0 and rr:
-            identity = rr[0]
-            c = self.clients.get(identity)
-            if c is None or not c.queue:
-                rr.popleft()
-                continue
-            # one client's turn: a share of the credits, then the next client
-            share = n if len(rr) == 1 else max(1, n // len(rr))
-            queue = c.queue
-            k = min(share, len(queue))
-            for _ in range(k):
-                self._place(c, batch, queue.popleft())
-            w.credits -= k
-            n -= k
-            rr.rotate(-1)
-            if not c.queue:
-                rr.remove(identity)
 
     def _place(self, c: ClientInfo, batch: Batch, spec: TaskSpec, pred_jid: Optional[int] = None) -> None:
         """Make `spec` a job of the batch's worker, and the followers waiting for it too."""
@@ -384,6 +344,8 @@ class Assignment:
     def _new_job(self, c: ClientInfo, batch: Batch, spec: TaskSpec) -> int:
         jid = self._next_jid
         self._next_jid += 1
+        if batch.client is not c:
+            batch.enter(c)
         w = batch.worker
         self.jobs[jid] = Job(c, w, spec)
         c.jobs.add(jid)

@@ -12,8 +12,10 @@ never unpickles a task's payload; it only routes `TaskSpec`s to workers that ask
   lost worker's tasks go back to their client as `TaskLost` (its scheduler decides about a retry).
 - `depio.runtime.assignment`: queues, fair share, credits, followers and the in-flight jobs.
 
-A bug in the loop stops the dispatcher: the clients hear why (`Shutdown`), and `failure` keeps the
-exception with its traceback (`LoopFailure`).
+A message a peer sends that cannot be taken (signed, but malformed: a `Submit` naming a function
+never sent) is that peer's error: it is refused and dropped, everyone else is served on. A bug in
+the loop stops the dispatcher: the clients hear why (`Shutdown`), and `failure` keeps the exception
+with its traceback (`LoopFailure`).
 """
 from __future__ import annotations
 
@@ -28,8 +30,11 @@ from typing import Callable, Deque, Dict, Optional, Sequence, Tuple
 
 import zmq
 
+from . import limits
 from . import protocol as P
 from .assignment import Assignment, ClientInfo, Job, WorkerInfo, WorkerRegistry
+from .fairshare import fail_jobs
+from .guards import PeerGuards, check_int
 from .inbox import DrivenLoop, LoopFailure, drain_pipe
 from .liveness import Liveness
 from .local_client import AttachLocal, LocalClient, StopLoop
@@ -41,7 +46,7 @@ __all__ = ["Dispatcher", "LocalClient", "LoopFailure", "WorkerInfo", "ClientInfo
 log = logging.getLogger("depio.dispatcher")
 
 
-class Dispatcher(DrivenLoop):
+class Dispatcher(PeerGuards, DrivenLoop):
     """See the module docstring. `start()` binds and runs the loop in a thread; `stop()` ends it."""
 
     def __init__(self, key: bytes, worker_address: str = "tcp://127.0.0.1:*",
@@ -74,6 +79,11 @@ class Dispatcher(DrivenLoop):
         self._own_pipe = True
         self.on_stop_request: Optional[Callable[[str], None]] = None   # a pool lets admins stop it
         self.on_workers_changed: Optional[Callable[[], None]] = None   # a pool's Slurm pilots follow it
+        # a pool: how long clients with queued tasks wait while no worker is registered and none is on
+        # its way (`workers_coming()` says which are, "" for none) before they are told and let go
+        self.no_worker_limit: Optional[float] = None
+        self.workers_coming: Callable[[], str] = lambda: ""
+        self._starved_since: Optional[float] = None
         self._local_inbox: Deque[Tuple[bytes, object]] = deque()
 
     @property
@@ -145,9 +155,9 @@ class Dispatcher(DrivenLoop):
             wait = self.heartbeat * 500 if block and not self._local_inbox else 0
             events = dict(self._poller.poll(wait))
             if self._wsock in events:
-                self.wire.drain(self._wsock, "worker", self._on_worker_message)
+                self.wire.drain(self._wsock, "worker", self._on_worker_message, self._worker_error)
             if self._csock is not None and self._csock in events:
-                self.wire.drain(self._csock, "client", self._on_client_message)
+                self.wire.drain(self._csock, "client", self._on_client_message, self._client_error)
             if self._wake_r in events:
                 drain_pipe(self._wake_r)
             if self._local_inbox:
@@ -195,8 +205,16 @@ class Dispatcher(DrivenLoop):
 
     # ------------------------------------------------------------ sending
     def _send_worker(self, w: WorkerInfo, msg: object) -> None:
-        if self.wire.send(self._wsock, w.identity, msg):
-            w.peer.sent(time.monotonic())
+        try:
+            if self.wire.send(self._wsock, w.identity, msg):
+                w.peer.sent(time.monotonic())
+        except limits.MessageTooBig as e:      # one task (with its function) that alone does not fit
+            if isinstance(e.msg, P.RunTasks):
+                w.credits += len(e.msg.tasks) - len(e.msg.after)
+                fail_jobs(self.assignment, w, [jid for jid, _ in e.msg.tasks],
+                          lambda spec: limits.task_too_big(spec.name, e.size, e.limit))
+            else:
+                log.error("not sent to worker %s: %s", w.name, e)
 
     def _send_client(self, c: ClientInfo, msg: object) -> None:
         if c.deliver is not None:
@@ -221,11 +239,14 @@ class Dispatcher(DrivenLoop):
             if not isinstance(msg, P.Goodbye):
                 self.wire.send(self._wsock, identity, P.Reregister(
                     "this dispatcher does not know the worker (restarted, or it was declared lost)"))
+            self.wire.sessions.forget(identity)     # kept while lost, so that its late results are seen
             return
         w.peer.heard(time.monotonic())
         if isinstance(msg, P.WorkerReport):
+            check_int(msg.credits, "credits")
             self.assignment.on_report(w, msg)
         elif isinstance(msg, P.RequestWork):
+            check_int(msg.credits, "credits")
             w.credits += msg.credits
         elif isinstance(msg, P.Goodbye):
             self._lose_worker(w, f"worker {w.name} (host {w.host}, pid {w.pid}) left: {msg.reason}")
@@ -237,12 +258,13 @@ class Dispatcher(DrivenLoop):
             return
         if identity in self.workers.by_identity:
             return
+        check_int(msg.slots, "slots")
         w = WorkerInfo(identity, msg.worker_id, msg.host, msg.pid, msg.slots, msg.slurm_job_id,
                        peer=Liveness(self.heartbeat, self.liveness))
         self.workers.add(w)
         if msg.offer:          # what each of its slots holds: tasks with a resource shape go by it
             self.assignment.routing.offers[identity] = Offer.from_dict(msg.offer)
-        self._send_worker(w, P.Welcome(self.heartbeat, self.liveness))
+        self._send_worker(w, P.Welcome(self.heartbeat, self.liveness, self.wire.max_message))
         log.info("worker %s registered (%d slots)", w.name, w.slots)
         self._broadcast_workers(f"worker {w.name} joined")
 
@@ -282,6 +304,7 @@ class Dispatcher(DrivenLoop):
             c.peer.heard(time.monotonic())
         if isinstance(msg, P.Submit):
             c.functions.update(msg.functions)
+            self.wire.check_submit(msg, c.functions)
             self._send_workers(self.assignment.queue(c, msg.tasks))
         elif isinstance(msg, P.CancelTasks):
             self._send_workers(self.assignment.cancel(c, None if msg.keys is None else set(msg.keys), msg.reason))
@@ -295,8 +318,10 @@ class Dispatcher(DrivenLoop):
                 return
             c = self.assignment.add_client(identity, msg.name, msg.host, msg.pid,
                                            peer=Liveness(self.heartbeat, self.liveness))
+            if msg.cwd:
+                c.context = (str(msg.cwd), tuple(map(str, msg.path)))
             log.info("client %s (pid %d) connected", c.name, c.pid)
-        self._send_client(c, P.ClientWelcome(c.client_id, self.heartbeat, self.liveness))
+        self._send_client(c, P.ClientWelcome(c.client_id, self.heartbeat, self.liveness, self.wire.max_message))
         self._send_client(c, P.WorkersChanged(len(self.workers), self.workers.slots, "hello"))
 
     def _on_admin(self, identity: bytes, msg: object) -> None:
@@ -311,6 +336,8 @@ class Dispatcher(DrivenLoop):
 
     def _drop_client(self, c: ClientInfo, reason: str) -> None:
         self._send_workers(self.assignment.drop_client(c, reason))
+        if c.peer is not None:
+            self.wire.sessions.forget(c.identity)
         log.info(reason)
 
     # ------------------------------------------------------------ liveness
@@ -320,6 +347,8 @@ class Dispatcher(DrivenLoop):
         if now < self._next_liveness_check:
             return
         self._next_liveness_check = now + self.heartbeat / 4
+        if self.no_worker_limit is not None:
+            self._check_starved(now)
         for w in self.workers:
             if w.peer.expired(now):
                 self._lose_worker(w, f"worker {w.name} (host {w.host}, pid {w.pid}) lost: no heartbeat for "
@@ -341,3 +370,4 @@ class Dispatcher(DrivenLoop):
         return {**self.assignment.status(), "bad_messages": dict(self.bad_messages),
                 "workers_lost": self.workers_lost, "late_results": self.late_results,
                 "refusals": list(self.refusals)}
+
