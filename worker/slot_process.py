@@ -110,6 +110,7 @@ def slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
     functions: Dict[bytes, object] = {}
     blobs: Dict[bytes, bytes] = {}
     previous_ok = False        # did the task this slot handled last succeed? (for conditional ones)
+    context = None             # (cwd, import path) of a pool's pipeline; None: the worker's own
     while True:
         head = reader.read(4)
         if len(head) < 4:
@@ -125,10 +126,12 @@ def slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
                 if conditional and not previous_ok:
                     results.add(jid, None, k == last)     # its predecessor did not succeed: not run
                 else:
-                    result = run_spec(TaskSpec(*spec), functions, blobs, capture, worker_name)
+                    result = run_spec(TaskSpec(*spec), functions, blobs, capture, worker_name, context)
                     previous_ok = result.error is None
                     results.add(jid, as_tuple(result), k == last)
         elif kind == "env":          # the slot's own GPUs: before any task it runs
             os.environ.update(msg[1])
+        elif kind == "ctx":          # the pipeline whose tasks follow: its working directory and import path
+            context = msg[1]
         elif kind == "stop":
             return

@@ -33,6 +33,7 @@ class SlotSet:
         self.dying: List[Tuple[Slot, float]] = []    # SIGTERM sent, SIGKILL at the deadline (monotonic)
         self.gpus: List[List[str]] = []      # by slot index: the GPUs its tasks see (CUDA_VISIBLE_DEVICES)
         self.changed = True
+        self.context_of: Optional[Callable[[int], Optional[tuple]]] = None   # a pool's: job id -> pipeline
 
     def start(self, n: int) -> None:
         """Start `n` slots. Call it before this process has a ZeroMQ context, and after it has set its
@@ -77,10 +78,21 @@ class SlotSet:
             if room <= 0 or not queue:
                 continue
             batch = []
+            context_of = self.context_of        # a pool's worker: a batch is of one pipeline
+            context = context_of(queue[0][0]) if context_of else None
             while queue and len(batch) < room:
                 if slot.assigned and queue[0][1].func_digest not in slot.functions:
                     break
+                if context_of and context_of(queue[0][0]) != context:
+                    break
                 batch.append(queue.popleft())
+            if batch and context != slot.context:
+                try:
+                    slot.set_context(context)
+                except OSError:
+                    queue.extendleft(reversed(batch))
+                    died(slot)
+                    continue
             if batch:
                 if not slot.assigned:
                     started(batch[0][0], time.time())

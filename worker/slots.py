@@ -88,6 +88,13 @@ class Slot:
         """Environment for every task this slot runs (its own GPUs), set before its first task."""
         self._send(("env", env))
 
+    context: Optional[tuple] = None     # a pool's pipeline (cwd, import path) its tasks run in; None: the worker's
+
+    def set_context(self, context: Optional[tuple]) -> None:
+        """The tasks given next run in this pipeline's working directory and import path."""
+        self._send(("ctx", context))
+        self.context = context
+
     def give(self, tasks: List[Tuple[int, TaskSpec]], functions: Dict[bytes, bytes],
              conditional: bool = False) -> None:
         """Hand a batch to the slot, preceded by any function it has not seen. `conditional`: each task

@@ -64,6 +64,9 @@ class Worker:
         self.reports = Reports()
         self.queue: Deque[Tuple[int, TaskSpec]] = deque()      # received, not yet in a slot
         self.functions: Dict[bytes, bytes] = {}
+        # a pool's worker: each pipeline's (working directory, import path), and which job is whose
+        self.contexts: Dict[int, tuple] = {}
+        self.placement: Dict[int, tuple] = {}
         self.last_busy = time.monotonic()
         self.dispatcher_gone = False
         self.stopping: Optional[str] = None
@@ -102,11 +105,14 @@ class Worker:
                 self._replace_slot(slot, graceful=True)
         self.reports.clear()
         self.followers.clear()
+        self.placement.clear()
         self._connect()
 
     def _on_message(self, msg: object) -> None:
         if isinstance(msg, P.RunTasks):
             self.functions.update(msg.functions)
+            if msg.places:
+                self._place(msg)
             self.followers.active.update(jid for jid, _ in msg.tasks)
             if msg.after:
                 self.followers.take(msg.tasks, dict(msg.after), self.queue)
@@ -136,6 +142,18 @@ class Worker:
             if self.reports.done:     # results of jobs it gave up on: it counts and drops them
                 self.conn.send(P.WorkerReport((), tuple(self.reports.done)))
             self._reconnect()
+
+    def _place(self, msg: P.RunTasks) -> None:
+        """Note whose pipeline each task is (its tasks run in its working directory, with its path)."""
+        tasks, places = msg.tasks, msg.places
+        for i, (start, cid, cwd, path) in enumerate(places):
+            if cwd:
+                self.contexts[cid] = (cwd, tuple(path))
+            context = self.contexts.get(cid)
+            end = places[i + 1][0] if i + 1 < len(places) else len(tasks)
+            for jid, _ in tasks[start:end]:
+                self.placement[jid] = context
+        self.slot_set.context_of = self.placement.get
 
     def _cancel(self, jids: set) -> None:
         self.followers.cancel(jids)
@@ -259,7 +277,7 @@ class Worker:
 
     def _next_wakeup(self) -> float:
         now = time.monotonic()
-        wakes = [self.conn.liveness.next_deadline(), self.slot_set.next_wakeup(now), self.reports.next_due()]
+        wakes = [self.conn.next_wakeup(), self.slot_set.next_wakeup(now), self.reports.next_due()]
         return max(0.0, min(w for w in wakes if w is not None) - now)
 
     def run(self) -> int:
@@ -318,7 +336,7 @@ class Worker:
         now = time.monotonic()
         if self.slot_set.dying:
             self.slot_set.reap()
-        if self.conn.liveness.expired(now):
+        if self.conn.silent(now):
             self._dispatcher_silent(now)
             return
         if self.conn.registered and self.conn.liveness.heartbeat_due(now):
@@ -327,6 +345,8 @@ class Worker:
             self.stopping = "the process that started this worker is gone"
         if self._held():
             self.last_busy = now
+        elif self.placement and not self.followers.held:
+            self.placement.clear()        # nothing is held: no job's pipeline is needed any more
         elif self.idle_timeout is not None and now - self.last_busy > self.idle_timeout:
             self.stopping = f"idle for {self.idle_timeout:g} s"
 

@@ -10,6 +10,7 @@ import io
 import linecache
 import os
 import pickle
+import platform
 import re
 import sys
 import tempfile
@@ -131,10 +132,34 @@ VALUE_LIMIT = 1 << 20   # return values larger than this are not sent back
 
 
 def run_spec(spec: TaskSpec, functions: Dict[bytes, Callable], blobs: Dict[bytes, bytes], capture: FdCapture,
-             worker_name: str) -> TaskResult:
+             worker_name: str, context: Optional[Tuple[str, Sequence[str]]] = None) -> TaskResult:
     """Run one task spec in this process with fd-level capture and build its TaskResult (the return
     value pickled, unless it is too big). `functions` caches unpickled functions by digest; a function
-    not in it yet is unpickled from (and removed from) `blobs`."""
+    not in it yet is unpickled from (and removed from) `blobs`. `context`: a pool's pipeline's working
+    directory and import path, which the task sees as it would locally (then this process's again)."""
+    if context is None:
+        return _run_spec(spec, functions, blobs, capture, worker_name)
+    cwd, path = context
+    old_cwd, old_path = os.getcwd(), list(sys.path)
+    try:
+        os.chdir(cwd)
+    except OSError as e:
+        now = time.time()
+        msg = (f"the pipeline's working directory {cwd} does not exist on worker {worker_name} (host "
+               f"{platform.node()}): {e.strerror}; run the pool's workers where the pipeline's files are (a "
+               f"shared file system)")
+        return TaskResult(spec.key, spec.attempt, now, now, "", "", _error("TaskRaisedExceptionException", msg,
+                                                                          "FileNotFoundError"), None, worker_name)
+    try:
+        sys.path[:] = [p for p in path if os.path.isdir(p)] + [p for p in old_path if p not in path]
+        return _run_spec(spec, functions, blobs, capture, worker_name)
+    finally:
+        os.chdir(old_cwd)
+        sys.path[:] = old_path
+
+
+def _run_spec(spec: TaskSpec, functions: Dict[bytes, Callable], blobs: Dict[bytes, bytes], capture: FdCapture,
+              worker_name: str) -> TaskResult:
     started = time.time()
     try:
         func = functions.get(spec.func_digest)
