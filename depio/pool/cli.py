@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from .control import status, stop
 from .registry import POOL_ENV
-from .service import serve, start_detached
+from .service import NO_WORKER_LIMIT, serve, start_detached
 
 
 def _fmt_time(t: Optional[float]) -> str:
@@ -21,7 +21,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         args.local = 0 if args.slurm else (os.cpu_count() or 1)
     extra = ["--local", str(args.local), "--slots", str(args.slots), "--host", args.host,
              "--heartbeat", str(args.heartbeat), "--slurm", str(args.slurm), "--slurm-slots", str(args.slurm_slots),
-             "--slurm-time", str(args.slurm_time)] + [f"--slurm-param={p}" for p in args.slurm_param]
+             "--slurm-time", str(args.slurm_time), "--no-worker-limit", str(args.no_worker_limit)] + [f"--slurm-param={p}" for p in args.slurm_param]
     if args.key_file:
         extra += ["--key-file", args.key_file]
     if args.detach:
@@ -31,7 +31,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         return 0
     return serve(args.name, host=args.host, local=args.local, slots=args.slots, key_file=args.key_file,
                  heartbeat=args.heartbeat, slurm=args.slurm, slurm_slots=args.slurm_slots,
-                 slurm_time=args.slurm_time, slurm_parameters=_slurm_params(args.slurm_param))
+                 slurm_time=args.slurm_time, slurm_parameters=_slurm_params(args.slurm_param),
+                 no_worker_limit=args.no_worker_limit)
 
 
 def _slurm_params(pairs: List[str]) -> Dict[str, Any]:
@@ -106,6 +107,9 @@ def add_pool_commands(sub: Any) -> None:
                        help="address to bind; off loopback a key file is required [%(default)s]")
     start.add_argument("--key-file", help="protocol key (mode 600); default: the pool's own key")
     start.add_argument("--heartbeat", type=float, default=1.0, help="seconds [%(default)s]")
+    start.add_argument("--no-worker-limit", type=float, default=NO_WORKER_LIMIT, metavar="SECONDS",
+                       help="pipelines with tasks waiting fail (with the reason) once the pool has had no worker, "
+                            "and none starting or queued in Slurm, this long [%(default)s]")
     start.add_argument("--detach", action="store_true", help="run in the background")
     start.add_argument("--log", help="log file with --detach [~/.depio/pools/NAME.log]")
     start.set_defaults(func=_cmd_start)

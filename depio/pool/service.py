@@ -26,10 +26,12 @@ import zmq
 
 from ..runtime import protocol as P
 from ..runtime.dispatcher import Dispatcher
-from ..runtime.launchers import LocalLauncher
+from .workers import PoolWorkers
 from .registry import POOL_ENV, PoolInfo, pools_dir, port_of, write_private
 
 log = logging.getLogger("depio.pool")
+
+NO_WORKER_LIMIT = 60.0      # seconds a pool without any worker (and none on its way) keeps pipelines waiting
 
 
 class PoolService:
@@ -39,7 +41,7 @@ class PoolService:
                  key_file: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
                  client_port: Optional[int] = None, worker_port: Optional[int] = None,
                  slurm: int = 0, slurm_slots: int = 1, slurm_time: float = 60.0,
-                 slurm_parameters: Optional[Dict[str, Any]] = None):
+                 slurm_parameters: Optional[Dict[str, Any]] = None, no_worker_limit: float = NO_WORKER_LIMIT):
         self.name = name
         self.host = host
         self.local = local
@@ -50,6 +52,7 @@ class PoolService:
         self.slurm_parameters = dict(slurm_parameters or {})
         self.heartbeat = heartbeat
         self.liveness = liveness
+        self.no_worker_limit = no_worker_limit
         self.stop_reason: Optional[str] = None
         self._stop = threading.Event()
         previous = self._previous()
@@ -88,6 +91,7 @@ class PoolService:
         dispatcher = Dispatcher(self.key, worker_address, client_address, heartbeat=self.heartbeat,
                                 liveness=self.liveness, name=f"pool-{self.name}")
         dispatcher.on_stop_request = self.request_stop
+        dispatcher.no_worker_limit = self.no_worker_limit
         try:
             dispatcher.start()
         except zmq.ZMQError as e:
@@ -97,7 +101,7 @@ class PoolService:
 
     def _launch(self, dispatcher: Dispatcher, launchers: List[Any]) -> None:
         if self.local > 0:
-            launcher = LocalLauncher(self.local, self.slots, self.heartbeat, self.liveness, max_restarts=1_000_000)
+            launcher = PoolWorkers(self.local, self.slots, self.heartbeat, self.liveness)
             launcher.start(dispatcher.worker_address, self.key)
             launchers.append(launcher)
         if self.slurm > 0:
@@ -105,6 +109,7 @@ class PoolService:
             launchers.append(pool_pilots(dispatcher, self.key, self.slurm, self.slurm_slots, self.slurm_time,
                                          self.slurm_parameters, pools_dir() / f"{self.name}-slurm",
                                          self.heartbeat, max(self.liveness, 5)))
+        dispatcher.workers_coming = lambda: workers_coming(launchers)
 
     def run(self) -> int:
         key_path = pools_dir() / f"{self.name}.key"
@@ -121,18 +126,41 @@ class PoolService:
                      info.client_address, info.worker_address, self.local, self.slurm)
             print(f"depio pool {self.name!r} running (pid {os.getpid()}): pipelines use "
                   f"PoolExecutor({self.name!r}) or {POOL_ENV}={self.name}; workers connect to "
-                  f"{info.worker_address} with --key-file {key_path}", flush=True)
+                  f"{info.worker_address} with --key-file {key_path}; pipelines fail when it has had no worker "
+                  f"(and none starting) for {self.no_worker_limit:g} s", flush=True)
             while not self._stop.wait(0.5):
                 if not dispatcher.alive:
                     self.request_stop("the dispatcher thread ended")
         finally:
             info.pid = None
             info.save()
+            for launcher in launchers:       # stopping: the workers told to leave must not be replaced
+                hold = getattr(launcher, "hold", None)
+                if hold is not None:
+                    hold()
             dispatcher.stop(f"pool {self.name} stopping: {self.stop_reason}")
             for launcher in launchers:
                 launcher.stop()
         log.info("pool %s stopped: %s", self.name, self.stop_reason)
         return 0
+
+
+def workers_coming(launchers: List[Any]) -> str:
+    """What workers are on their way to a pool ("" for none): local ones running but not registered
+    yet, Slurm pilots waiting in the queue or starting."""
+    parts = []
+    for launcher in launchers:
+        if isinstance(launcher, PoolWorkers):
+            n = launcher.coming()
+            if n:
+                parts.append(f"{n} local worker(s) starting")
+        else:
+            with launcher.lock:
+                waiting = [p for p in launcher.pilots.values() if not p.ended and not p.registered]
+            if waiting:
+                parts.append(f"{len(waiting)} Slurm pilot job(s) on their way ("
+                             + ", ".join(sorted({p.state or "submitted" for p in waiting})) + ")")
+    return "; ".join(parts)
 
 
 def serve(name: str, **kwargs: Any) -> int:
