@@ -1,12 +1,13 @@
 """The README's "How to use with Slurm" example, runnable: one Slurm job per task.
 
-On the local test cluster (scripts/local-slurm.sh) there is no reservation and no "gpu" partition:
-the job's partition comes from $SBATCH_PARTITION (sbatch lets it override the script's
-`--partition`), "debug" unless set. On your cluster, set SBATCH_RESERVATION / SBATCH_PARTITION
-as you would for sbatch (or pass parameters={"slurm_partition": ...} to SubmitItExecutor).
-Where the jobs connect back to: $DEPIO_ADDRESS (default: this host's outward interface).
+The executor keeps upstream's defaults, partition "gpu" included; on a cluster without such a
+partition (the local test cluster of scripts/local-slurm.sh, most clusters) the jobs go to the
+cluster's default partition, and depio says so in one line. Set SBATCH_RESERVATION /
+SBATCH_PARTITION as you would for sbatch (or pass parameters={"slurm_partition": ...} to
+SubmitItExecutor). Where the jobs connect back to: $DEPIO_ADDRESS (default: this host's outward
+interface); no key set-up is needed (a fresh one per run reaches the jobs in a mode-600 file).
 """
-import os
+import os  # noqa: F401  (for the SBATCH_RESERVATION line below)
 import pathlib
 import time
 from typing import Annotated
@@ -26,7 +27,6 @@ SLURM.mkdir(exist_ok=True)
 
 # Configure the slurm pipeline
 # os.environ["SBATCH_RESERVATION"] = "<your reservation>"
-os.environ.setdefault("SBATCH_PARTITION", "debug")      # the local test cluster's partition
 defaultpipeline = Pipeline(depioExecutor=SubmitItExecutor())
 
 print("Touching an initial file")

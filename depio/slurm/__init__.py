@@ -9,32 +9,44 @@ or fell silent) and, rate limited, about jobs that never showed up. Every questi
 `squeue` call (`sacct` only for ids squeue no longer knows, and only if it works): depio needs no
 accounting database.
 
-Per-task mode (`SubmitItExecutor`): every ready task becomes one Slurm job (tasks ready at the same
-time with the same parameters go out as one job array: one sbatch call). The job runs a one-slot
-worker named after its task attempt; a small server in the pipeline (`SlurmTaskBackend`) hands it
-exactly that attempt, relays started/done to the scheduler and tells the worker to leave. The
-table shows each task's Slurm job id and raw Slurm state.
+Per-task mode (`SubmitItExecutor`): every ready task becomes one Slurm job, served by the same
+dispatcher as pilots and local workers (so keys, liveness, resources and limits exist once): the
+task is queued there pinned to its job, whose one-slot worker registers with that pin, gets exactly
+that task and leaves. Jobs go out paced (`pacing`): tasks that become ready together with the same
+parameters are gathered into one job array, at most one sbatch per second; transient sbatch
+failures are retried with backoff, arrays are split below the cluster's MaxArraySize. The table
+shows each task's Slurm job id and raw Slurm state (sent to the scheduler as `SlurmState`: the
+scheduler actor alone writes tasks).
 
 Pilot mode (`SlurmPilotExecutor`): `workers` long-lived `depio-worker`s run as one Slurm job array
 and stream many tasks each from the pipeline's dispatcher (`DispatcherBackend`). They know their
 walltime: they stop asking for tasks they cannot finish and leave before the limit; the launcher
-submits replacements while work remains, between `min_workers` and `max_workers`.
+submits replacements while work remains, between `min_workers` and `max_workers`. Tasks asking for
+other resources (GPUs, memory, a partition) get a group of pilots of their own shape.
 
-The address: the dispatcher (or task server) binds `address=` / `$DEPIO_ADDRESS`, else the address of
-the interface that routes off this host (what compute nodes reach); every message is signed with a
-fresh per-run key, which reaches the jobs through a mode-0600 file in the submitit folder (never on
-a command line, in a job's arguments or in the environment).
+The address: the dispatcher binds `address=` / `$DEPIO_ADDRESS`, else the address of the interface
+that routes off this host (what compute nodes reach); every message is signed with the configured
+key (`key_file=`, `$DEPIO_KEY`) or a fresh per-run key, which reaches the jobs through a mode-0600
+file in the submitit folder (never on a command line, in a job's arguments or in the environment).
+
+Every job carries its pipeline's mark (`orphans`): a run of the same script in the same folder
+cancels the live jobs of an earlier run whose process is gone before it submits, and leaves those
+of a run that is still alive alone. The built-in default partition ("gpu", upstream's) falls back
+to the cluster's default partition where the cluster has none of that name (`cluster`).
 
 Ctrl-C, SIGTERM or a failure: `close()` cancels every Slurm job of the run (one `scancel`) and waits
 until squeue no longer lists them as pending or running.
 
 The modules: `states` (what a Slurm state means for a task), `query` (batched squeue, sacct,
 scancel), `addresses` (where jobs connect back, the key file), `submission` (submitit parameters),
-`job` (what a job runs: the worker, as a command), `tasks` (per-task mode), `pilots` (pilot mode, and a pool's pilots).
+`job` (what a job runs: the worker, as a command), `cluster` (partitions, nodes, MaxArraySize), `pacing`
+(when to call sbatch), `orphans` (jobs of a killed run), `tasks` and `task_jobs` (per-task mode),
+`pilots` and `pilot_launcher` (pilot mode, and a pool's pilots).
 """
 from .addresses import ADDRESS_ENV, bind_address, default_host, write_key_file
 from .job import run_pilot, run_task_job
-from .pilots import SlurmPilotBackend, SlurmPilotExecutor, SlurmPilotLauncher, pool_pilots
+from .pilot_launcher import SlurmPilotLauncher
+from .pilots import SlurmPilotBackend, SlurmPilotExecutor, pool_pilots
 from .query import QUERY_INTERVAL, SlurmQuery, scancel, wait_gone
 from .states import slurm_status
 from .submission import DEFAULT_PARAMS, TWO_DAYS_IN_MINUTES, sbatch_parameters

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -17,6 +18,11 @@ from ..runtime.resources import Resources
 log = logging.getLogger("depio.slurm")
 
 DEFAULT_MAX_ARRAY_SIZE = 1001      # Slurm's own default
+
+
+def notice(line: str) -> None:
+    """One line for the person watching the run (stderr: the live view redraws stdout)."""
+    print(f"depio: {line}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -126,3 +132,13 @@ class Cluster:
         """Whether Slurm knows partition `name` (None: Slurm did not answer)."""
         parts = self.partitions()
         return None if not parts else name in parts
+
+    def missing_default_partition(self, name: str) -> bool:
+        """Whether the built-in default partition `name` ("gpu", upstream's) should be dropped so that
+        jobs go to the cluster's default one: it does not exist here and $SBATCH_PARTITION does not
+        decide anyway. Says so in one line."""
+        if not name or os.environ.get("SBATCH_PARTITION") or self.partition_exists(name) is not False:
+            return False
+        notice(f"this cluster has no partition {name!r} (the built-in default): submitting to its default "
+               f"partition {self.default_partition() or '(none)'!r}")
+        return True

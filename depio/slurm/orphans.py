@@ -84,6 +84,8 @@ def cancel_orphans(folder: Path, query: SlurmQuery) -> str:
     me = run_identity(folder)
     user = os.environ.get("USER") or ""
     args = ["squeue", "-h", "-r", "-t", "pending,running,suspended,configuring", "-o", "%i|%k;%j"] + (["-u", user] if user else [])
+    with query.lock:
+        query.queries += 1            # counted with the run's other questions to Slurm
     try:
         out = subprocess.run(args, capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:

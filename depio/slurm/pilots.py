@@ -1,281 +1,73 @@
-"""Pilot mode (`SlurmPilotExecutor`): long-lived workers as a Slurm job array; also a pool's pilots."""
+"""Pilot mode (`SlurmPilotExecutor`): long-lived workers as Slurm job arrays; also a pool's pilots.
+
+The pipeline's dispatcher binds where compute nodes reach it, with a configured key (`key_file=`,
+`$DEPIO_KEY`) or a fresh one for this run, which reaches the pilots through a mode-600 file. The
+launcher (`pilot_launcher`) keeps one group of pilots per request shape; this backend tells it how
+much work each group has, and tells the scheduler (`SlurmState`) which pilot job runs a task.
+"""
 from __future__ import annotations
 
-import atexit
-import logging
-import queue
 import re
 import threading
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+import pykka
 
 from ..runtime import protocol as P
 from ..runtime.backends import Backend, DispatcherBackend
+from ..runtime.events import SlurmState
 from ..executor_base import AbstractTaskExecutor
-from .states import _terminal
-from .query import QUERY_INTERVAL, SlurmQuery, scancel, wait_gone
-from .addresses import _remove, bind_address, write_key_file
-from .submission import DEFAULT_PARAMS, _Params, _minutes, _python_path_setup, _slurm_executor, sbatch_parameters
-from .job import run_pilot
+from .addresses import bind_address
+from .cluster import notice
+from .pilot_launcher import GroupKey, SlurmPilotLauncher
+from .submission import DEFAULT_PARAMS, _minutes, sbatch_parameters
 
-log = logging.getLogger("depio.slurm")
-
-
-class _Pilot:
-    def __init__(self, job_id: str, job=None):
-        self.job_id = job_id
-        self.job = job
-        self.submitted = time.monotonic()
-        self.registered = False
-        self.ended = False
-        self.state = "PENDING"
-        self.reason = ""
-
-
-class SlurmPilotLauncher:
-    """Starts pilot workers as Slurm jobs (a job array per submission) and keeps enough of them
-    while work remains. Launcher interface as `LocalLauncher`: start(address, key), stop(),
-    alive(), on_all_gone."""
-
-    def __init__(self, workers: int, slots: int, parameters: Dict[str, Any], folder: Path,
-                 min_workers: int, max_workers: int, walltime_min: float, margin: float,
-                 idle_timeout: Optional[float], heartbeat: float, liveness: int, max_failures: int,
-                 internal_executor=None, query_interval: float = QUERY_INTERVAL):
-        self.workers = workers
-        self.slots = slots
-        self.parameters = parameters
-        self.folder = Path(folder)
-        self.min_workers = min_workers
-        self.max_workers = max_workers
-        self.walltime_min = walltime_min
-        self.margin = margin
-        self.idle_timeout = idle_timeout
-        self.heartbeat = heartbeat
-        self.liveness = liveness
-        self.max_failures = max_failures
-        self.failures = 0            # pilots that ended without ever connecting
-        self.broken = False          # sbatch itself failed: launch nothing more
-        self.internal_executor = internal_executor
-        self.query_interval = query_interval
-        self.on_all_gone: Optional[Callable[[str], None]] = None
-        self.backend: Optional["SlurmPilotBackend"] = None
-        self.pilots: Dict[str, _Pilot] = {}
-        self.query = SlurmQuery()
-        self.sbatch_calls = 0
-        self.submitted = 0
-        self.lock = threading.RLock()
-        self.io: "queue.Queue" = queue.Queue()
-        self.key_file: Optional[Path] = None
-        self._thread: Optional[threading.Thread] = None
-        self._stopping = False
-        self._gone_reported = False
-        self._last_query = 0.0
-        self.last_error = ""
-
-    # ------------------------------------------------------------ interface
-    def start(self, address: str, key: bytes) -> None:
-        self.address = address
-        self.key_file = write_key_file(self.folder, key)
-        self.executor = _slurm_executor(self.folder, self.internal_executor)
-        self._thread = threading.Thread(target=self._loop, name="depio-slurm-pilots", daemon=True)
-        self._thread.start()
-        atexit.register(self._atexit)
-        self.io.put(("launch", max(self.min_workers, min(self.workers, self.max_workers))))
-
-    def poke(self) -> None:
-        """Something changed (tasks submitted, a worker came or went): rebalance, off this thread."""
-        if self._thread is not None and not self._stopping:
-            self.io.put(("rebalance", None))
-
-    def alive(self) -> List[str]:
-        with self.lock:
-            return [p.job_id for p in self.pilots.values() if not p.ended]
-
-    def stop(self, grace: float = 3.0, told: Optional[Set[int]] = None) -> None:
-        """The dispatcher told the workers to leave; cancel whatever is still in Slurm and wait until
-        squeue no longer lists it. (`told`, the PIDs that heard the Shutdown, matters only locally.)"""
-        self._stopping = True
-        if self._thread is None:
-            return
-        self.io.put(("stop", grace))
-        self._thread.join(90)
-        _remove(self.key_file)
-
-    def _atexit(self) -> None:
-        if not self._stopping:
-            scancel(self.alive())
-            _remove(self.key_file)
-
-    # ------------------------------------------------------------ events from the backend
-    def workers_changed(self) -> None:
-        """The dispatcher's worker set changed: which pilots are registered, which are gone."""
-        d = self.backend.dispatcher if self.backend is not None else None
-        if d is None:
-            return
-        snap = None
-        for _ in range(5):
-            try:
-                snap = d.snapshot()
-                break
-            except RuntimeError:     # read without a lock while it changed
-                time.sleep(0.01)
-        if snap is None:
-            return
-        now_ids = {w.get("slurm_job_id") for w in snap["workers"] if w.get("slurm_job_id")}
-        with self.lock:
-            for p in self.pilots.values():
-                if p.ended:
-                    continue
-                if p.job_id in now_ids:
-                    if not p.registered:
-                        p.registered, p.state = True, "RUNNING"
-                elif p.registered:
-                    p.ended, p.state = True, "ENDED"
-                    log.info("pilot job %s left", p.job_id)
-        self.poke()
-
-    # ------------------------------------------------------------ the launcher's thread
-    def _loop(self) -> None:
-        while True:
-            due = self._periodic_due()
-            timeout = None if due is None else max(0.0, due - time.monotonic())
-            try:
-                kind, arg = self.io.get(timeout=timeout)
-            except queue.Empty:
-                kind, arg = "tick", None
-            try:
-                if kind == "stop":
-                    self._cancel_all()
-                    return
-                if kind == "launch":
-                    self._launch(arg)
-                if due is not None and time.monotonic() >= due:
-                    self._check()
-                if kind in ("rebalance", "tick", "launch"):
-                    self._rebalance()
-            except Exception:
-                log.exception("pilot launcher failed")
-
-    def _periodic_due(self) -> Optional[float]:
-        with self.lock:
-            unseen = any(not p.ended and not p.registered for p in self.pilots.values())
-        return self._last_query + self.query_interval if unseen else None
-
-    def _launch(self, n: int) -> None:
-        if n <= 0 or self._stopping or not self._may_launch():
-            return
-        params = dict(self.parameters)
-        params["setup"] = list(params.get("setup") or []) + _python_path_setup()
-        params.setdefault("job_name", "depio-pilot")
-        walltime_s = _minutes(params.get("time", self.walltime_min)) * 60.0
-        # Slurm's warning (SIGUSR2) `margin` s before the limit rather than submitit's 90 s; the pilot
-        # takes it as "the limit is at most warning + 60 s away" (Slurm may send it 60 s early), not
-        # as "leave now": with a short walltime the warning came at the start and pilots left at once
-        params.setdefault("signal_delay_s", max(1, int(round(min(self.margin, walltime_s / 2)))))
-        args = dict(address=self.address, key_file=str(self.key_file), slots=self.slots, walltime_s=walltime_s,
-                    margin=self.margin, heartbeat=self.heartbeat, liveness=self.liveness,
-                    idle_timeout=self.idle_timeout, warning_s=float(params["signal_delay_s"]))
-        try:
-            with _Params(self.executor, params) as ex:
-                self.sbatch_calls += 1
-                if n == 1:
-                    jobs = [ex.submit(run_pilot, **args)]
-                else:
-                    with ex.batch():
-                        jobs = [ex.submit(run_pilot, **args) for _ in range(n)]
-        except Exception as e:
-            self.last_error = f"sbatch failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
-            log.error(self.last_error)
-            self.broken = True       # do not hammer sbatch with the same error
-            return
-        self.submitted += n
-        if not self._last_query:
-            self._last_query = time.monotonic()
-        with self.lock:
-            for job in jobs:
-                self.pilots[str(job.job_id)] = _Pilot(str(job.job_id), job)
-        log.info("submitted %d pilot job(s): %s", n, ", ".join(str(j.job_id) for j in jobs))
-
-    def _may_launch(self) -> bool:
-        return not self.broken and self.failures < self.max_failures
-
-    def _rebalance(self) -> None:
-        if self._stopping or self.backend is None:
-            return
-        work, waiting = self.backend.work()
-        with self.lock:
-            alive = [p for p in self.pilots.values() if not p.ended]
-            unseen = [p for p in alive if not p.registered]
-        if work:
-            target = max(self.min_workers, min(self.workers, self.max_workers))
-            busy_slots = self.slots * (len(alive) - len(unseen))
-            if waiting > busy_slots and not unseen:
-                target = self.max_workers         # a backlog and nobody on the way: grow
-            need = target - len(alive)
-            if waiting == 0:
-                need = self.min_workers - len(alive)   # nothing waits: no churn of idle pilots
-            if need > 0 and self._may_launch():
-                self._launch(need)
-                with self.lock:
-                    alive = [p for p in self.pilots.values() if not p.ended]
-        if work and not alive and not self._gone_reported and self.on_all_gone is not None:
-            self._gone_reported = True
-            ended = [p for p in self.pilots.values() if p.state not in ("ENDED", "RUNNING")]
-            why = "; ".join(f"job {p.job_id} {p.state}" + (f" ({p.reason})" if p.reason and p.reason != "None" else "")
-                            for p in ended[-3:])
-            self.on_all_gone(f"no Slurm pilot worker left, and no more may be started ({self.failures} pilot job(s) "
-                             f"ended without connecting, limit {self.max_failures})" + (f": {self.last_error}" if self.last_error else "") + (f"; {why}" if why else ""))
-
-    def _check(self) -> None:
-        """One batched squeue (rate limited) for pilots submitted but never heard of."""
-        with self.lock:
-            ids = [p.job_id for p in self.pilots.values() if not p.ended and not p.registered]
-        if not ids:
-            return
-        self._last_query = time.monotonic()
-        st = self.query.states(ids)
-        with self.lock:
-            for jid in ids:
-                p = self.pilots[jid]
-                if p.registered or p.ended or jid not in st:
-                    continue
-                p.state, p.reason = st[jid]
-                if _terminal(p.state):
-                    p.ended = True
-                    self.failures += 1
-                    log.warning("pilot job %s ended without connecting: %s (%s)", jid, p.state, p.reason)
-
-    def _cancel_all(self) -> None:
-        with self.lock:
-            ids = [p.job_id for p in self.pilots.values() if not p.ended or p.registered]
-        scancel(ids)
-        left = wait_gone(self.query, ids, 20.0) if ids else []
-        if left:
-            log.error("pilot jobs still listed after scancel: %s", ", ".join(left))
+_PILOT = re.compile(r"pilot-([0-9_]+)@")
 
 
 class SlurmPilotBackend(DispatcherBackend):
     """The pipeline's dispatcher, bound where compute nodes reach it, with pilot workers in Slurm."""
 
-    def __init__(self, launcher: SlurmPilotLauncher, bind: str, heartbeat: float, liveness: int):
-        super().__init__(launcher=launcher, bind=bind, heartbeat=heartbeat, liveness=liveness)
+    def __init__(self, launcher: SlurmPilotLauncher, bind: str, heartbeat: float, liveness: int,
+                 key: Optional[bytes] = None):
+        super().__init__(launcher=launcher, bind=bind, key=key, heartbeat=heartbeat, liveness=liveness)
         launcher.backend = self
-        self._flight: Dict[Tuple[int, int], bool] = {}     # (key, attempt) -> started
+        launcher.notice = notice
+        self._flight: Dict[Tuple[int, int], list] = {}     # (key, attempt) -> [started, pilot group]
         self._flock = threading.Lock()
+        self.base_needed = True
 
-    def work(self) -> Tuple[bool, int]:
-        """(tasks handed out and not ended?, how many of them not started)"""
+    def bind(self, scheduler, graph) -> None:
+        super().bind(scheduler, graph)
+        groups = [self.launcher.group_for(s) for s in self.shapes]
+        self.base_needed = any(g is None for g in groups)
+
+    def work(self) -> Dict[GroupKey, Tuple[int, int]]:
+        """By pilot group: (tasks handed out and not ended, how many of them not started)."""
+        out: Dict[GroupKey, list] = {}
         with self._flock:
-            return bool(self._flight), sum(1 for s in self._flight.values() if not s)
+            for started, group in self._flight.values():
+                n = out.setdefault(group, [0, 0])
+                n[0] += 1
+                n[1] += not started
+        return {g: (n[0], n[1]) for g, n in out.items()}
 
     def submit(self, specs, functions) -> None:
+        group_for, shapes = self.launcher.group_for, self.shapes
         with self._flock:
             for s in specs:
-                self._flight[(s.key, s.attempt)] = False
+                self._flight[(s.key, s.attempt)] = [False, group_for(shapes[s.key]) if shapes else None]
         super().submit(specs, functions)
         self.launcher.poke()
+
+    def _slurm(self, key: int, worker: str, state: str) -> None:
+        m = _PILOT.match(worker or "")
+        if m and key < len(self.graph.tasks):
+            try:
+                self.scheduler.tell(SlurmState(key, state, m.group(1)))
+            except pykka.ActorDeadError:
+                pass
 
     def cancel(self, keys, reason) -> None:
         with self._flock:
@@ -291,18 +83,12 @@ class SlurmPilotBackend(DispatcherBackend):
             with self._flock:
                 for key, attempt, _, worker in msg.started:
                     if (key, attempt) in self._flight:
-                        self._flight[(key, attempt)] = True
-                    m = re.match(r"pilot-([0-9_]+)@", worker or "")
-                    if m and key < len(self.graph.tasks):
-                        t = self.graph.tasks[key]
-                        t._slurmid, t._slurmstate = m.group(1), "RUNNING"
+                        self._flight[(key, attempt)][0] = True
+                    self._slurm(key, worker, "RUNNING")
                 for r in msg.done:
-                    self._flight.pop((r.key, r.attempt), None)
                     # a short task's start is not reported separately: its result names the pilot
-                    m = re.match(r"pilot-([0-9_]+)@", r.worker or "")
-                    if m and r.key < len(self.graph.tasks):
-                        t = self.graph.tasks[r.key]
-                        t._slurmid, t._slurmstate = m.group(1), t._slurmstate or "RUNNING"   # the pilot's state
+                    if self._flight.pop((r.key, r.attempt), None) is not None:
+                        self._slurm(r.key, r.worker, "RUNNING")       # the pilot's state
                 for lost in msg.lost:
                     self._flight.pop((lost.key, lost.attempt), None)
                 for returned in msg.returned:
@@ -327,8 +113,12 @@ class SlurmPilotExecutor(AbstractTaskExecutor):
     limit. While tasks remain, the launcher keeps `workers` pilots (at least `min_workers`, and up to
     `max_workers` when tasks wait and no pilot is on its way), replacing those that end, within
     giving up once `max_failures` pilot jobs ended without ever connecting (or sbatch failed).
-    Idle pilots leave after `idle_timeout` seconds.
-    `address` / `$DEPIO_ADDRESS`: where pilots connect back (default: this host's outward interface)."""
+    Idle pilots leave after `idle_timeout` seconds. A task asking for other resources than the
+    pilots hold (`@task(..., slurm_gpus_per_task=1)`, `resources={"gpus": 1}`) runs on a group of
+    pilots of its own shape (one array per sbatch call, sized by its own queue); each slot sees only
+    its own GPUs. `address` / `$DEPIO_ADDRESS`: where pilots connect back (default: this host's
+    outward interface). `key_file` / `$DEPIO_KEY`: a key of your own; default: a fresh one per run,
+    handed to the pilots in a mode-600 file."""
 
     def __init__(self, workers: int = 2, slots: int = 1, parameters: Optional[Dict[str, Any]] = None,
                  folder=None, min_workers: Optional[int] = None, max_workers: Optional[int] = None,
@@ -336,13 +126,14 @@ class SlurmPilotExecutor(AbstractTaskExecutor):
                  idle_timeout: Optional[float] = 60.0, address: Optional[str] = None, heartbeat: float = 1.0,
                  liveness: int = 5, max_failures: Optional[int] = None, internal_executor=None,
                  max_jobs_pending: Optional[int] = None, max_jobs_queued: Optional[int] = None,
-                 retries_on_worker_loss: int = 1):
+                 retries_on_worker_loss: int = 1, key_file: Optional[str] = None):
         super().__init__(max_jobs_pending, max_jobs_queued, retries_on_worker_loss)
         self.workers = max(1, int(workers))
         self.slots = max(1, int(slots))
         self.min_workers = max(1, int(min_workers)) if min_workers is not None else min(self.workers, 1)
         self.max_workers = max(self.workers, int(max_workers)) if max_workers is not None else self.workers
         self.min_workers = min(self.min_workers, self.max_workers)
+        self.default_partition = parameters is None
         base = dict(DEFAULT_PARAMS if parameters is None else parameters)
         params = sbatch_parameters(base)
         if walltime is not None:
@@ -358,12 +149,19 @@ class SlurmPilotExecutor(AbstractTaskExecutor):
         self.liveness = liveness
         self.max_failures = max_failures if max_failures is not None else self.max_workers + 2
         self.internal_executor = internal_executor
+        self.key_file = key_file
 
     def make_backend(self) -> Backend:
-        launcher = SlurmPilotLauncher(self.workers, self.slots, self.parameters, self.folder, self.min_workers,
+        params = dict(self.parameters)
+        launcher = SlurmPilotLauncher(self.workers, self.slots, params, self.folder, self.min_workers,
                                       self.max_workers, self.walltime, self.margin, self.idle_timeout,
                                       self.heartbeat, self.liveness, self.max_failures, self.internal_executor)
-        return SlurmPilotBackend(launcher, bind_address(self.address), self.heartbeat, self.liveness)
+        if self.default_partition and launcher.cluster.missing_default_partition(str(params.get("partition", ""))):
+            params.pop("partition", None)
+            launcher.groups[None].params.pop("partition", None)
+        # a configured key wins; else a fresh one for this run (the pilots read it from a mode-600 file)
+        key = P.load_key(self.key_file) or P.new_key()
+        return SlurmPilotBackend(launcher, bind_address(self.address), self.heartbeat, self.liveness, key=key)
 
     def describe(self) -> str:
         return f"SlurmPilotExecutor({self.workers} pilots x {self.slots} slots)"
@@ -376,12 +174,12 @@ class _PoolView:
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
 
-    def work(self) -> Tuple[bool, int]:
+    def work(self) -> Dict[GroupKey, Tuple[int, int]]:
         try:
             waiting = sum(c["queued"] for c in self.dispatcher.snapshot()["clients"])
         except RuntimeError:       # read without a lock while it changed
             waiting = 0
-        return True, waiting
+        return {None: (max(1, waiting), waiting)}
 
 
 def pool_pilots(dispatcher, key: bytes, workers: int, slots: int = 1, walltime: float = 60.0,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -25,17 +24,12 @@ from ..runtime.backends import Backend, DispatcherBackend
 from ..runtime.events import BackendFailed, SlurmState
 from ..runtime.resources import pinned_shape, request_of
 from .addresses import bind_address
-from .cluster import Cluster
+from .cluster import Cluster, notice
 from .query import QUERY_INTERVAL
 from .submission import DEFAULT_PARAMS, sbatch_parameters
 from .task_jobs import SlurmTaskLauncher, _Attempt
 
 log = logging.getLogger("depio.slurm")
-
-
-def notice(line: str) -> None:
-    """One line for the person watching the run (stderr: the live view redraws stdout)."""
-    print(f"depio: {line}", file=sys.stderr, flush=True)
 
 
 class SlurmTaskBackend(DispatcherBackend):
@@ -88,13 +82,8 @@ class SlurmTaskBackend(DispatcherBackend):
         """Before anything runs: the built-in default partition where the cluster has none of that
         name (say so, use the cluster's default), and tasks that no node could ever run (fail the run,
         naming them and what they asked for)."""
-        import os
-        if self.default_partition and not os.environ.get("SBATCH_PARTITION"):
-            name = str(self.parameters.get("slurm_partition", ""))
-            if name and self.cluster.partition_exists(name) is False:
-                self.drop_partition = True
-                notice(f"this cluster has no partition {name!r} (the built-in default): submitting to its "
-                       f"default partition {self.cluster.default_partition() or '(none)'!r}")
+        if self.default_partition:
+            self.drop_partition = self.cluster.missing_default_partition(str(self.parameters.get("slurm_partition", "")))
         base = dict(self.parameters)
         if self.drop_partition:
             base.pop("slurm_partition", None)
