@@ -175,7 +175,7 @@ def test_huge_frames_from_a_stranger_are_not_held_and_a_too_big_task_fails_sayin
             small = p.add_task(Task("small", f, [b"x"]))
             code = p.run()
             print("BIG", big.reason)
-            print("SMALL", small.result)
+            print("SMALL", small.result, small._status.name, small.reason)
         """))
         r = run(home, workdir / "b.py", workdir, DEPIO_MAX_MESSAGE="1M")
         assert "SMALL 1" in r.stdout, r.stdout + r.stderr

@@ -196,19 +196,18 @@ class DispatcherClient(DrivenLoop):
     def _parts(self, msg: object) -> list:
         """The frame sets for `msg`: a Submit over the size limit goes in parts, and a task that alone
         does not fit fails here, with the reason (it is never sent, so never dropped unsaid)."""
-        try:
-            return limits.encode_parts(msg, self.key, self.session.meta, self.max_message)
-        except limits.MessageTooBig as e:
-            if not isinstance(e.msg, P.Submit):
-                log.error("not sent to the dispatcher: %s", e)
-                return []
+        return limits.encode_parts(msg, self.key, self.session.meta, self.max_message, self._too_big)
+
+    def _too_big(self, e: limits.MessageTooBig) -> None:
+        if not isinstance(e.msg, P.Submit):
+            log.error("not sent to the dispatcher: %s", e)
+        else:
             for spec in e.msg.tasks:
                 why = limits.task_too_big(spec.name, e.size, e.limit)
                 now = time.time()
                 self.on_message(P.ClientReport(done=(P.TaskResult(
                     spec.key, spec.attempt, now, now, "", "", {"kind": "TaskRaisedExceptionException",
                     "type": "MessageTooBig", "message": why, "traceback": "", "summary": why}, None, "pipeline"),)))
-            return []
 
     def _receive(self, now: float) -> Optional[str]:
         """Hand on what arrived; the reason the connection ends, if it does."""

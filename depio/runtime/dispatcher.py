@@ -205,16 +205,17 @@ class Dispatcher(PeerGuards, DrivenLoop):
 
     # ------------------------------------------------------------ sending
     def _send_worker(self, w: WorkerInfo, msg: object) -> None:
-        try:
-            if self.wire.send(self._wsock, w.identity, msg):
-                w.peer.sent(time.monotonic())
-        except limits.MessageTooBig as e:      # one task (with its function) that alone does not fit
-            if isinstance(e.msg, P.RunTasks):
-                w.credits += len(e.msg.tasks) - len(e.msg.after)
-                fail_jobs(self.assignment, w, [jid for jid, _ in e.msg.tasks],
-                          lambda spec: limits.task_too_big(spec.name, e.size, e.limit))
-            else:
-                log.error("not sent to worker %s: %s", w.name, e)
+        if self.wire.send(self._wsock, w.identity, msg, lambda e: self._too_big(w, e)):
+            w.peer.sent(time.monotonic())
+
+    def _too_big(self, w: WorkerInfo, e: limits.MessageTooBig) -> None:
+        """A part of a message to `w` that alone does not fit: its tasks fail, saying so."""
+        if isinstance(e.msg, P.RunTasks):
+            w.credits += len(e.msg.tasks) - len(e.msg.after)
+            fail_jobs(self.assignment, w, [jid for jid, _ in e.msg.tasks],
+                      lambda spec: limits.task_too_big(spec.name, e.size, e.limit))
+        else:
+            log.error("not sent to worker %s: %s", w.name, e)
 
     def _send_client(self, c: ClientInfo, msg: object) -> None:
         if c.deliver is not None:
@@ -260,10 +261,8 @@ class Dispatcher(PeerGuards, DrivenLoop):
             return
         check_int(msg.slots, "slots")
         w = WorkerInfo(identity, msg.worker_id, msg.host, msg.pid, msg.slots, msg.slurm_job_id,
-                       peer=Liveness(self.heartbeat, self.liveness))
+                       peer=Liveness(self.heartbeat, self.liveness), offer=Offer.from_dict(msg.offer))
         self.workers.add(w)
-        if msg.offer:          # what each of its slots holds: tasks with a resource shape go by it
-            self.assignment.routing.offers[identity] = Offer.from_dict(msg.offer)
         self._send_worker(w, P.Welcome(self.heartbeat, self.liveness, self.wire.max_message))
         log.info("worker %s registered (%d slots)", w.name, w.slots)
         self._broadcast_workers(f"worker {w.name} joined")
@@ -273,7 +272,6 @@ class Dispatcher(PeerGuards, DrivenLoop):
         (it was only stopped or cut off), it is told to re-register and its late results are dropped
         here, and by attempt id in the scheduler."""
         self.assignment.lose_worker(w, reason)
-        self.assignment.routing.offers.pop(w.identity, None)
         self.workers_lost += 1
         log.warning(reason)
         self._broadcast_workers(reason)

@@ -61,16 +61,19 @@ def task_too_big(name: str, size: int, limit: int) -> str:
 
 
 def split(msg: object) -> Optional[Tuple[object, object]]:
-    """Two messages that together say what `msg` says, or None when it cannot be split. Functions go
-    with the first part that needs them (parts are sent in order); followers keep a RunTasks whole."""
+    """Two messages that together say what `msg` says, or None when it cannot be split. Each part
+    carries the functions its tasks need (another part may be one that cannot go); followers keep a
+    RunTasks whole."""
     if isinstance(msg, P.RunTasks) and len(msg.tasks) > 1 and not msg.after:
         h = len(msg.tasks) // 2
-        return P.RunTasks(msg.tasks[:h], msg.functions), P.RunTasks(msg.tasks[h:], {})
+        parts = msg.tasks[:h], msg.tasks[h:]
+        return tuple(P.RunTasks(t, {d: b for d, b in msg.functions.items() if d in {s.func_digest for _, s in t}},
+                                (), _places(msg.places, h, i)) for i, t in enumerate(parts))
     if isinstance(msg, P.Submit) and len(msg.tasks) > 1:
         h = len(msg.tasks) // 2
         first, second = msg.tasks[:h], msg.tasks[h:]
-        need1 = {s.func_digest for s in first}       # the dispatcher keeps what the first part brings
-        need2 = {s.func_digest for s in second} - need1
+        need1 = {s.func_digest for s in first}
+        need2 = {s.func_digest for s in second}      # again: the first part may be one that cannot go
         return (P.Submit(first, {d: b for d, b in msg.functions.items() if d in need1}),
                 P.Submit(second, {d: b for d, b in msg.functions.items() if d in need2}))
     if isinstance(msg, (P.ClientReport, P.WorkerReport)):
@@ -88,14 +91,29 @@ def split(msg: object) -> Optional[Tuple[object, object]]:
     return None
 
 
-def encode_parts(msg: object, key: bytes, meta: Callable[[], bytes], limit: int) -> List[list]:
-    """The frame sets to send for `msg`: one, or (over `limit`) several that each fit. Raises
-    MessageTooBig for a part that cannot be split and does not fit."""
+def _places(places: tuple, h: int, part: int) -> tuple:
+    """A RunTasks's `places` for its first (`part` 0) or second half, split at task `h`; each half
+    names the working directory of its pipelines (the other half may be one that cannot go)."""
+    if not places or part == 0:
+        return tuple(p for p in places if p[0] < h)
+    known = {p[1]: tuple(p[2:]) for p in places if p[2]}
+    before = [p for p in places if p[0] <= h]
+    out = ([(0, before[-1][1])] if before else []) + [(p[0] - h, p[1]) for p in places if p[0] > h]
+    return tuple(q + known.get(q[1], ("", ())) for q in out)
+
+
+def encode_parts(msg: object, key: bytes, meta: Callable[[], bytes], limit: int,
+                 too_big: Optional[Callable[[MessageTooBig], None]] = None) -> List[list]:
+    """The frame sets to send for `msg`: one, or (over `limit`) several that each fit. A part that
+    cannot be split and does not fit goes to `too_big` (and the rest is sent), or raises MessageTooBig."""
     frames = P.encode(msg, key, meta())
     size = len(frames[2])
     if size <= limit:
         return [frames]
     halves = split(msg)
     if halves is None:
-        raise MessageTooBig(msg, size, limit)
-    return encode_parts(halves[0], key, meta, limit) + encode_parts(halves[1], key, meta, limit)
+        if too_big is None:
+            raise MessageTooBig(msg, size, limit)
+        too_big(MessageTooBig(msg, size, limit))
+        return []
+    return encode_parts(halves[0], key, meta, limit, too_big) + encode_parts(halves[1], key, meta, limit, too_big)

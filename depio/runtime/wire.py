@@ -87,11 +87,12 @@ class Wire:
         if self.clients is not None:
             self.clients.close(linger=200)
 
-    def send(self, sock: zmq.Socket, identity: bytes, msg: object) -> bool:
+    def send(self, sock: zmq.Socket, identity: bytes, msg: object,
+             too_big: Optional[Callable[[limits.MessageTooBig], None]] = None) -> bool:
         """Send `msg` to peer `identity` (in parts if it is over the size limit); False (noted in the
-        debug log) if the socket refuses, i.e. the peer has disconnected. Raises limits.MessageTooBig
-        for a message that cannot be split and does not fit."""
-        parts = limits.encode_parts(msg, self.key, lambda: self.sessions.meta(identity), self.max_message)
+        debug log) if the socket refuses, i.e. the peer has disconnected. A part that cannot be split
+        and does not fit goes to `too_big`, or raises limits.MessageTooBig."""
+        parts = limits.encode_parts(msg, self.key, lambda: self.sessions.meta(identity), self.max_message, too_big)
         try:
             for frames in parts:
                 P.send_frames(sock, [identity] + frames)
