@@ -158,10 +158,11 @@ class Pipeline:
         if _env_flag(ACCEPT_ENV):
             return self._accept_from_env()
         executor = self._executor()
-        g = self.validate()
         state = TaskState.open() if self.tasks else None
+        if state is not None and any(t.buildmode in STATE_MODES or t.track_code for t in self.tasks):
+            state.prefetch()          # while validating
         try:
-            return self._run(g, executor, state)
+            return self._run(self.validate(), executor, state)
         finally:
             if state is not None:
                 self._attach(None)

@@ -14,7 +14,7 @@ import os
 import stat
 import sys
 import threading
-from pathlib import Path
+from pathlib import Path, PosixPath, PurePosixPath
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..BuildMode import BuildMode
@@ -29,6 +29,7 @@ from .writer import StateWriter
 log = logging.getLogger("depio.state")
 
 FINISHED, SKIPPED = TaskStatus.FINISHED, TaskStatus.SKIPPED
+_PLAIN_PATHS = frozenset({PosixPath, PurePosixPath})
 STATE_MODES = (BuildMode.IF_CHANGED, BuildMode.IF_CODE_CHANGED)    # modes that read the store to decide
 
 
@@ -68,6 +69,7 @@ class TaskState:
         self._fps: Optional[Dict[str, str]] = None
         self._codes: Optional[Dict[str, Optional[str]]] = None
         self._cwd = os.getcwd()
+        self._cwd_slash = self._cwd.rstrip("/") + "/"
         self._paths: Dict[str, Tuple[str, str]] = {}
         self._known: Dict[str, str] = {}       # absolute path -> hash, of products of tasks skipped in this run
 
@@ -88,12 +90,24 @@ class TaskState:
                     self._memo = self.store.load_memo()
         return self._memo
 
-    def _fingerprints(self) -> Dict[str, str]:
+    def _fingerprints(self) -> Dict[bytes, bytes]:
+        """{key: fingerprint} as the store keeps them (bytes: no conversion of 100,000 rows)."""
         if self._fps is None:
             with self._lock:
                 if self._fps is None:
-                    self._fps = self.store.fingerprints()
+                    self._fps = dict(self.store._read("SELECT key, fp FROM made"))
         return self._fps
+
+    def prefetch(self) -> None:
+        """Load the fingerprints and the memo in a thread of their own, while the pipeline validates
+        (the first decision waits for them)."""
+        def load() -> None:
+            try:
+                self._fingerprints()
+                self.memo
+            except Exception as e:        # the decision loads again, and reports what fails then
+                log.debug("prefetching the state failed: %s", e)
+        threading.Thread(target=load, name="depio-state-prefetch", daemon=True).start()
 
     def _code_hashes(self) -> Dict[str, Optional[str]]:
         if self._codes is None:
@@ -108,8 +122,11 @@ class TaskState:
                         task.products, self.memo, hash_products=hash_inputs)
 
     def _place(self, p) -> Tuple[str, str]:
-        """(shown, absolute) path, as records show it and as it is stat'ed; once per path string."""
+        """(shown, absolute) path, as records show it and as it is stat'ed. A relative path's string
+        has nothing to normalise but `..` (pathlib drops `.` and doubled slashes)."""
         s = os.fspath(p)
+        if s[:1] != "/" and ".." not in s and type(p) in _PLAIN_PATHS:
+            return s, self._cwd_slash + s
         e = self._paths.get(s)
         if e is None:
             e = self._paths[s] = (norm_path(s, self._cwd), os.path.normpath(os.path.join(self._cwd, s)))
@@ -140,8 +157,9 @@ class TaskState:
         if missing:
             return f"product missing: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
         deps = {}
-        inputs = task.path_dependencies if task.path_dependencies is not None and not task.task_dependencies \
-            else inputs_of(task)
+        inputs = task.path_dependencies
+        if inputs is None or len(inputs) != len(task.dependencies):     # a task in depends_on: its products
+            inputs = inputs_of(task)
         for p in inputs:
             shown, path = place(p)
             h = known.get(path)
@@ -157,12 +175,12 @@ class TaskState:
         else:
             pairs = sorted({shown: h for shown, _, h in products}.items())
             made, names = "\1".join(f"{p}\0{d}" for p, d in pairs), "\0".join(p for p, _ in pairs)
-        key = hashlib.blake2b(("P\0" + names).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+        key = hashlib.blake2b(("P\0" + names).encode("utf-8", "surrogateescape"), digest_size=16).digest()
         text = "\2".join((code_hash(task.func)[0],
                           "\1".join(f"{p}\0{d or '-'}" for p, d in sorted(deps.items())),
                           args_digest(task.cleaned_args), made))
         if self._fingerprints().get(key) == hashlib.blake2b(text.encode("utf-8", "surrogateescape"),
-                                                            digest_size=8).hexdigest():
+                                                            digest_size=8).digest():
             for _, path, h in products:
                 known[path] = h
             return None
@@ -172,8 +190,8 @@ class TaskState:
         """IF_CHANGED's reason beyond a missing product (None: up to date). The fast path compares
         two fingerprints; only a difference reads the record, to name it."""
         cur = self.current(task)
-        fp = self._fingerprints().get(cur.key)
-        if fp == cur.fingerprint:
+        fp = self._fingerprints().get(bytes.fromhex(cur.key))
+        if fp is not None and fp.hex() == cur.fingerprint:
             return None
         old = self.store.get_made([cur.key]).get(cur.key) if fp is not None else None
         return self.decision.why_changed(old, cur)
