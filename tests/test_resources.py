@@ -60,10 +60,8 @@ def _setup(offers):
     c.functions[FN] = b"code"
     workers = []
     for i, offer in enumerate(offers):
-        w = WorkerInfo(f"w{i}".encode(), f"w{i}", "h", i, 1, credits=1)
+        w = WorkerInfo(f"w{i}".encode(), f"w{i}", "h", i, 1, credits=1, offer=offer)
         a.workers.add(w)
-        if offer is not None:
-            a.routing.offers[w.identity] = offer
         workers.append(w)
     return a, c, workers
 

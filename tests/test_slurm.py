@@ -458,6 +458,8 @@ def test_pilots_ask_slurm_at_most_every_30_s(slurm_env):
     around the real commands, for the pipeline's process tree only."""
     calls = slurm_env / "slurm-calls"
     bindir = _slurm_call_logger(slurm_env, calls)
+    # two pilots fit on the node whatever CPUs it advertises (LOCAL_SLURM_CPUS): the third waits
+    cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=30).stdout.split()[0])
     script = slurm_env / "p.py"
     script.write_text(textwrap.dedent("""
         import sys, time
@@ -472,7 +474,8 @@ def test_pilots_ask_slurm_at_most_every_30_s(slurm_env):
             time.sleep(0.25)
             return i
 
-        ex = Counting(workers=3, slots=1, idle_timeout=30, folder="slurm", parameters={"slurm_time": 10})
+        ex = Counting(workers=3, slots=1, idle_timeout=30, folder="slurm",
+                      parameters={"slurm_time": 10, "slurm_cpus_per_task": CPUS})
         p = Pipeline(ex, quiet=True)
         tasks = [p.add_task(Task(f"w{i}", work, [i])) for i in range(300)]
         t_start = time.time()
@@ -482,7 +485,7 @@ def test_pilots_ask_slurm_at_most_every_30_s(slurm_env):
         launcher = ex.backend.launcher
         print("COUNTS", ex.backend.slurm_queries, launcher.query.sacct_calls, launcher.sbatch_calls)
         sys.exit(code)
-    """))
+    """).replace("CPUS", str(max(1, cpus // 2))))
     t0 = time.monotonic()
     proc = popen_script(script, slurm_env, env={"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"})
     try:

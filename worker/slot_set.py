@@ -13,6 +13,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 import zmq
 
 from depio.runtime.protocol import TaskSpec
+from depio.runtime.resources import gpu_ids, split_gpus
 
 from .slots import Slot, SlotStarter, slot_context, stop_slots
 
@@ -39,6 +40,7 @@ class SlotSet:
         """Start `n` slots. Call it before this process has a ZeroMQ context, and after it has set its
         signal handlers (the slots inherit them, through the forker)."""
         self.starter = slot_context()
+        self.gpus = split_gpus(gpu_ids(), n)        # each slot sees only its own GPUs
         self.live[:] = [self._new(i) for i in range(n)]
         self.changed = True
 

@@ -52,15 +52,11 @@ class SlurmJobWorker(Worker):
         self.margin = margin
         self.pin = pin
         self.constraint = constraint
-        self.walltime_min = 0.0 if deadline is None else max(0.0, (deadline - time.time()) / 60)
+        walltime_min = 0.0 if deadline is None else max(0.0, (deadline - time.time()) / 60)
+        self.offer = dict(slurm_offer(self.nslots, walltime_min, constraint).as_dict(), pin=pin)
         self.got_task = False
         self.draining: Optional[str] = None
         self.blocked: List[tuple] = []
-
-    def _offer(self) -> dict:
-        offer = slurm_offer(self.nslots, self.walltime_min, self.constraint).as_dict()
-        offer["pin"] = self.pin
-        return offer
 
     def _on_message(self, msg: object) -> None:
         if isinstance(msg, P.RunTasks) and msg.tasks:

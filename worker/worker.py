@@ -22,7 +22,7 @@ import zmq
 from depio.runtime import protocol as P
 from depio.runtime.inbox import drain_pipe
 from depio.runtime.protocol import TaskSpec
-from depio.runtime.resources import gpu_ids, local_offer, split_gpus
+from depio.runtime.resources import local_offer
 
 from .connection import DispatcherConnection
 from .credits import Credits
@@ -38,6 +38,13 @@ DEFAULT_LIVENESS = 3
 DEFAULT_KILL_GRACE = 2.0    # seconds between SIGTERM and SIGKILL for a cancelled task
 # plain ints: pyzmq's flag enums cost a Python-level call on every `&` of the event loop
 _POLLIN, _POLLOUT, _POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)
+
+
+def register_message(w: "Worker") -> P.Register:
+    """The worker's hello, with what each of its slots holds (`offer`, for the dispatcher's routing): a
+    Slurm job's worker sets its allocation as `w.offer`; any other offers this machine."""
+    offer = getattr(w, "offer", None) or local_offer(w.nslots).as_dict()
+    return P.Register(w.name, w.host, os.getpid(), w.nslots, slurm_job_id=w.slurm_job_id, offer=offer)
 
 
 class Worker:
@@ -56,7 +63,6 @@ class Worker:
         self.parent_pid = parent_pid
         self.slurm_job_id = slurm_job_id
         self.slot_set = SlotSet(self.name, kill_grace)
-        self.slot_set.gpus = split_gpus(gpu_ids(), self.nslots)   # each slot sees only its own GPUs
         self.slots: List[Slot] = self.slot_set.live
         self.conn = DispatcherConnection(address, key, heartbeat, liveness, reconnect)
         self.credits = Credits(self.nslots)
@@ -82,14 +88,9 @@ class Worker:
 
     # ------------------------------------------------------------ the dispatcher
     def _connect(self) -> None:
-        self.conn.open(P.Register(self.name, self.host, os.getpid(), self.nslots, slurm_job_id=self.slurm_job_id,
-                                  offer=self._offer()))
+        self.conn.open(register_message(self))
         self.slot_set.changed = True      # the poller must watch the new socket
         self.credits.open = 0
-
-    def _offer(self) -> dict:
-        """What each slot holds, for the dispatcher's routing (a Slurm job's worker: its allocation)."""
-        return local_offer(self.nslots).as_dict()
 
     def _reconnect(self) -> None:
         """Register afresh, as a new worker. The dispatcher forgot us (lost or restarted) and gave our

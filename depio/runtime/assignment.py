@@ -43,6 +43,7 @@ class WorkerInfo:
     slots: int
     slurm_job_id: str = ""
     peer: Optional[Liveness] = None     # heartbeats to and from it
+    offer: Optional[object] = None      # what each slot holds (`resources.Offer`; None: it did not say)
     credits: int = 0
     since: float = field(default_factory=time.time)
     jobs: Set[int] = field(default_factory=set)

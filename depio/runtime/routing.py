@@ -15,25 +15,24 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional, Sequence, Tuple
 
 from .protocol import TaskSpec
-from .resources import PIN, Offer, fits, from_shape
+from .resources import PIN, fits, from_shape
 
 # assignment imports this module, never the other way round: its classes appear here by name only
 _SHAPE = operator.attrgetter("shape")
 
 
 class Routing:
-    """Tasks with a shape, by shape, and the workers' offers (`offers`, by worker identity, set when
-    a worker registers; a worker not in it offered nothing and takes only common tasks)."""
+    """Tasks with a shape, by shape (and pinned ones by pin). A worker's offer is `WorkerInfo.offer`,
+    set when it registers; a worker that offered nothing takes only common tasks."""
 
     def __init__(self, assignment: Any, make_batch: Callable[[Any], Any]) -> None:
         self.a = assignment
         self.make_batch = make_batch
-        self.held: Dict[tuple, Deque[Tuple["ClientInfo", TaskSpec]]] = {}
-        self.pinned: Dict[str, Tuple["ClientInfo", TaskSpec]] = {}
-        self.offers: Dict[bytes, Offer] = {}
+        self.held: Dict[tuple, Deque[Tuple[Any, TaskSpec]]] = {}
+        self.pinned: Dict[str, Tuple[Any, TaskSpec]] = {}
         self._requests: Dict[tuple, object] = {}
 
-    def hold(self, c: "ClientInfo", specs: Sequence[TaskSpec]) -> Sequence[TaskSpec]:
+    def hold(self, c: Any, specs: Sequence[TaskSpec]) -> Sequence[TaskSpec]:
         """Keep the specs that have a shape; return the others (for the client's common queue)."""
         if not any(map(_SHAPE, specs)):
             return specs
@@ -48,7 +47,7 @@ class Routing:
                 self.held.setdefault(shape, deque()).append((c, s))
         return tuple(rest)
 
-    def cancel(self, c: "ClientInfo", keys: Optional[set]) -> None:
+    def cancel(self, c: Any, keys: Optional[set]) -> None:
         """Forget the client's held tasks `keys` (None: all of them)."""
         if not self.held and not self.pinned:
             return
@@ -63,18 +62,15 @@ class Routing:
             if drop(*item):
                 del self.pinned[pin]
 
-    def offer(self, w: "WorkerInfo") -> Optional[Offer]:
-        return self.offers.get(w.identity)
-
-    def assign(self) -> Dict[bytes, "Batch"]:
+    def assign(self) -> Dict[bytes, Any]:
         """Held tasks into free slots of the workers that fit them, as batches by worker identity."""
-        batches: Dict[bytes, "Batch"] = {}
+        batches: Dict[bytes, Any] = {}
         if not self.held and not self.pinned:
             return batches
         workers = self.a.workers.with_credit()
         if self.pinned:
             for w in workers:
-                offer = self.offers.get(w.identity)
+                offer = w.offer
                 item = self.pinned.pop(offer.pin, None) if offer is not None and offer.pin else None
                 if item is not None and item[0].identity in self.a.clients:
                     self._put(batches, w, *item)
@@ -83,7 +79,7 @@ class Routing:
             request = self._requests.get(shape) or self._requests.setdefault(shape, from_shape(shape))
             for w in workers:
                 free = min(w.credits, w.slots - len(w.jobs))
-                offer = self.offers.get(w.identity)
+                offer = w.offer
                 if free <= 0 or offer is None or offer.pin or not fits(request, offer):
                     continue
                 while free > 0 and q:
@@ -95,7 +91,7 @@ class Routing:
                 del self.held[shape]
         return batches
 
-    def _put(self, batches: Dict[bytes, "Batch"], w: "WorkerInfo", c: "ClientInfo", spec: TaskSpec) -> None:
+    def _put(self, batches: Dict[bytes, Any], w: Any, c: Any, spec: TaskSpec) -> None:
         batch = batches.get(w.identity)
         if batch is None:
             batch = batches[w.identity] = self.make_batch(w)

@@ -62,6 +62,29 @@ def _scaled(r: Resources, slots: int) -> Resources:
     return Resources(r.cpus * slots, r.gpus * slots, r.mem_mb * slots, r.time_min, r.partition, r.constraint)
 
 
+def make_group(shape: tuple, base: Dict[str, Any], slots: int, walltime_min: float, margin: float,
+               cluster: Cluster) -> _Group:
+    """The pilots for tasks of `shape`: the base parameters, with that shape for each of as many slots
+    as a node of its partition can hold (at least one)."""
+    r = from_shape(shape)
+    slots = next((s for s in range(slots, 0, -1) if cluster.too_big(_scaled(r, s)) is None), 1)
+    params = dict(base)
+    params.pop("gpus_per_node", None)
+    params["cpus_per_task"] = max(int(params.get("cpus_per_task") or 1), r.cpus * slots)
+    if r.gpus:
+        params["gres"] = f"gpu:{r.gpus * slots}"
+    if r.mem_mb:
+        params["mem"] = f"{r.mem_mb * slots}M"
+    for name in ("partition", "constraint"):
+        if getattr(r, name):
+            params[name] = getattr(r, name)
+    if r.time_min > walltime_min:
+        walltime_min = r.time_min + margin / 60
+        params["time"] = max(1, int(-(-walltime_min // 1)))
+    log.info("pilot group for tasks asking %s: %d slot(s) per pilot", r.describe(), slots)
+    return _Group(shape, params, slots, walltime_min, r.constraint or str(params.get("constraint") or ""))
+
+
 class SlurmPilotLauncher:
     """Starts pilot workers as Slurm jobs and keeps enough of each group while it has work. Launcher
     interface as `LocalLauncher`: start(address, key), stop(), alive(), on_all_gone, too_big()."""
@@ -110,35 +133,9 @@ class SlurmPilotLauncher:
             return None
         with self.lock:
             if shape not in self.groups:
-                self.groups[shape] = self._make_group(shape)
+                self.groups[shape] = make_group(shape, self.parameters, self.slots, self.walltime_min, self.margin,
+                                                self.cluster)
         return shape
-
-    def _group_slots(self, r: Resources) -> int:
-        """As many slots per pilot as a node of its partition can hold (at least one)."""
-        for s in range(self.slots, 0, -1):
-            if self.cluster.too_big(_scaled(r, s)) is None:
-                return s
-        return 1
-
-    def _make_group(self, shape: tuple) -> _Group:
-        r = from_shape(shape)
-        slots = self._group_slots(r)
-        params = dict(self.parameters)
-        params.pop("gpus_per_node", None)
-        params["cpus_per_task"] = max(int(params.get("cpus_per_task") or 1), r.cpus * slots)
-        if r.gpus:
-            params["gres"] = f"gpu:{r.gpus * slots}"
-        if r.mem_mb:
-            params["mem"] = f"{r.mem_mb * slots}M"
-        for name in ("partition", "constraint"):
-            if getattr(r, name):
-                params[name] = getattr(r, name)
-        walltime = self.walltime_min
-        if r.time_min > walltime:
-            walltime = r.time_min + self.margin / 60
-            params["time"] = max(1, int(-(-walltime // 1)))
-        log.info("pilot group for tasks asking %s: %d slot(s) per pilot", r.describe(), slots)
-        return _Group(shape, params, slots, walltime, r.constraint or str(params.get("constraint") or ""))
 
     def too_big(self, request: Resources) -> Optional[str]:
         """Why no pilot could ever run a task asking `request` (no node of its partition is that big)."""
