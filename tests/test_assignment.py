@@ -144,3 +144,30 @@ def test_cancelling_tells_the_workers_and_a_dropped_client_hears_nothing():
     assert len(msg.jids) == 1 and not a.jobs and c.identity not in a.clients
     a.on_report(w, P.WorkerReport(done=((msg.jids[0], result(0)),)))
     assert not a.take_reports() and a.late_results == 1
+
+
+def test_a_free_slot_goes_to_the_client_holding_the_fewest_and_no_prefetch_while_one_waits_idle():
+    a = Assignment()
+    long_, short = client(a, "long"), client(a, "short")
+    w1, w2 = worker(a, "w1", credits=1), worker(a, "w2", credits=1)
+    a.queue(long_, tuple(spec(k) for k in range(4)))
+    a.assign()                                   # both slots: long's
+    a.queue(short, tuple(spec(k) for k in range(100)))
+    a.on_report(w1, P.WorkerReport(credits=2))   # a prefetch credit: short waits with nothing running
+    assert not [m for _, m in a.assign() if m.tasks]
+    jid, = w1.jobs
+    a.on_report(w1, P.WorkerReport(done=((jid, result(0)),)))    # long's first ends: short's turn
+    (target, run), = a.assign()
+    assert target is w1 and {a.jobs[j].client.name for j, _ in run.tasks} == {"short"}
+
+
+def test_a_lost_worker_is_charged_to_its_oldest_unreported_task_per_slot():
+    a = Assignment()
+    c = client(a, "one")
+    w = worker(a, "w", slots=1, credits=3)
+    a.queue(c, tuple(spec(k) for k in range(3)))
+    a.assign()
+    a.lose_worker(w, "worker w lost")
+    lost = {x.key: x for x in a.take_reports()[0].message().lost}
+    assert lost[0].started and "task 't0'" in lost[0].reason        # the one in its slot
+    assert not lost[1].started and not lost[2].started                # queued behind it: free
