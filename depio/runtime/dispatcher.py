@@ -271,9 +271,9 @@ class Dispatcher(PeerGuards, DrivenLoop):
         """Forget the worker; its jobs go back to their clients as lost. Should the worker come back
         (it was only stopped or cut off), it is told to re-register and its late results are dropped
         here, and by attempt id in the scheduler."""
+        (log.warning if w.jobs else log.info)(reason)    # leaving with nothing in hand (a job done, idle) is no news
         self.assignment.lose_worker(w, reason)
         self.workers_lost += 1
-        log.warning(reason)
         self._broadcast_workers(reason)
 
     def _broadcast_workers(self, reason: str) -> None:
