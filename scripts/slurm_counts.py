@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -125,10 +126,14 @@ def run(name: str, template: str, n: int, src: str, env_extra: Dict[str, str]) -
     counts = {c: sum(1 for _, cmd in mine if cmd == c) for c in COMMANDS}
     sb = sorted(t for t, c in mine if c == "sbatch")
     peak_10s = max((sum(1 for u in sb if t <= u < t + 10) for t in sb), default=0)
+    sizes = []
+    for sub in (work / "slurm").glob("*_submission.sh"):
+        m = re.search(r"--array=0-(\d+)", sub.read_text())
+        sizes.append(int(m.group(1)) + 1 if m else 1)
     ok = next((int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("OK ")), 0)
     extra = [line for line in r.stdout.splitlines() if line.startswith("GPU_")]
     out = {"run": name, "tasks": n, "exit": r.returncode, "ok": ok, "wall_s": round(wall, 1), **counts,
-           "sbatch_peak_per_10s": peak_10s, "notes": extra}
+           "sbatch_peak_per_10s": peak_10s, "array_sizes": sorted(sizes, reverse=True), "notes": extra}
     if r.returncode != 0:
         out["tail"] = (r.stdout + r.stderr)[-1500:]
     shutil.rmtree(work, ignore_errors=True)
@@ -152,7 +157,7 @@ def main() -> int:
         res = run(name, template, n, args.src, env_extra)
         results.append(res)
         print(f"{name}: {n} tasks, exit {res['exit']}, ok {res['ok']}, {res['wall_s']} s, "
-              + ", ".join(f"{c} {res[c]}" for c in COMMANDS) + f", sbatch peak {res['sbatch_peak_per_10s']}/10 s "
+              + ", ".join(f"{c} {res[c]}" for c in COMMANDS) + f", sbatch peak {res['sbatch_peak_per_10s']}/10 s, arrays {res['array_sizes']} "
               + " ".join(res["notes"]), flush=True)
         if "tail" in res:
             print(res["tail"], flush=True)

@@ -92,7 +92,7 @@ def cancel_orphans(folder: Path, query: SlurmQuery) -> str:
         log.info("squeue failed: %s", e)
         return ""
     dead: List[str] = []
-    alive: Dict[Tuple[str, int], int] = {}
+    alive: Dict[Tuple[str, int, bool], int] = {}      # (host, pid, checked) -> jobs
     for line in out.splitlines():
         jid, _, comment = line.partition("|")
         mark = _parse(comment)
@@ -102,7 +102,8 @@ def cancel_orphans(folder: Path, query: SlurmQuery) -> str:
         if state is False:
             dead.append(jid.strip())
         else:
-            alive[(mark[0], mark[1])] = alive.get((mark[0], mark[1]), 0) + 1
+            who = (mark[0], mark[1], state is True)
+            alive[who] = alive.get(who, 0) + 1
     notes = []
     if dead:
         scancel(dead)
@@ -110,7 +111,7 @@ def cancel_orphans(folder: Path, query: SlurmQuery) -> str:
         notes.append(f"cancelled {len(dead)} Slurm job(s) of an earlier run of this script whose pipeline is gone "
                      f"({', '.join(sorted(dead)[:5])}{' ...' if len(dead) > 5 else ''})"
                      + (f"; still listed: {', '.join(left)}" if left else ""))
-    for (host, pid), n in alive.items():
-        notes.append(f"left alone {n} Slurm job(s) of another run of this script that is still running "
-                     f"(host {host}, pid {pid})")
+    for (host, pid, checked), n in alive.items():
+        how = "that is still running" if checked else "on another host (not checked from here)"
+        notes.append(f"left alone {n} Slurm job(s) of another run of this script {how} (host {host}, pid {pid})")
     return "; ".join(notes)
