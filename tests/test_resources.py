@@ -135,8 +135,13 @@ def test_a_local_task_asking_for_more_gpus_than_the_machine_has_fails_at_once(wo
         p = Pipeline(ParallelExecutor(workers=1, slots_per_worker=2), quiet=True)
         ok = p.add_task(Task("gpu_ok", visible, ["ran-ok"], resources={"gpus": 1}))
         cpu = p.add_task(Task("cpu", visible, ["ran-cpu"]))
+        # chains across shapes: a follower never rides along onto a worker that does not fit it
+        chain = [p.add_task(Task("c0", visible, ["c0"]))]
+        for i, res in enumerate([{"gpus": 1}, None, None, {"gpus": 1}], 1):
+            chain.append(p.add_task(Task(f"c{i}", visible, [f"c{i}"], resources=res, depends_on=[chain[-1]])))
         code = p.run()
         print("RESULT", ok.status[0].name, ok.result, cpu.result)
+        print("CHAIN", [t.status[0].name for t in chain], [t.result for t in chain])
         p2 = Pipeline(ParallelExecutor(workers=1), quiet=True)
         big = p2.add_task(Task("greedy", visible, ["ran-big"], resources={"gpus": 3}))
         code2 = p2.run()
@@ -148,6 +153,8 @@ def test_a_local_task_asking_for_more_gpus_than_the_machine_has_fails_at_once(wo
     assert r.returncode == 0, out
     line = next(x for x in out.splitlines() if x.startswith("RESULT"))
     assert line.split()[1] == "FINISHED" and line.split()[2] in ("3", "5"), out     # one GPU of the two
+    chain = next(x for x in out.splitlines() if x.startswith("CHAIN"))
+    assert chain.count("FINISHED") == 5, out
     big = next(x for x in out.splitlines() if x.startswith("BIG"))
     assert big.split()[1] == "FAILED" and big.split()[2] == "1", out
     assert "greedy" in big and "3 GPU(s)" in big, out                                # names task and ask

@@ -94,6 +94,7 @@ class DispatcherBackend(Backend):
         self.shapes: List[Optional[tuple]] = []      # by task key: its resource shape (None: nothing special)
         self.shaped = False
         self.held: Dict[int, List[P.TaskSpec]] = {}  # followers kept here until their predecessor succeeded
+        self.held_keys: set = set()
 
     def bind(self, scheduler, graph) -> None:
         super().bind(scheduler, graph)
@@ -111,11 +112,12 @@ class DispatcherBackend(Backend):
         """Specs with their resource shape. A follower goes along with its predecessor only if both
         ask for nothing special; otherwise it waits here until the predecessor succeeded, then goes
         on its own (a GPU task must not follow a CPU task onto a CPU worker)."""
-        shapes, out = self.shapes, []
+        shapes, out, held = self.shapes, [], self.held_keys
         for s in specs:
             shape = shapes[s.key]
-            if s.after is not None and (shape is not None or shapes[s.after] is not None):
-                self.held.setdefault(s.after, []).append(s)
+            if s.after is not None and (shape is not None or shapes[s.after] is not None or s.after in held):
+                self.held.setdefault(s.after, []).append(s)     # (behind a held one: held too)
+                held.add(s.key)
             else:
                 out.append(s if shape is None or s.shape is not None else dataclasses.replace(s, shape=shape))
         return out
@@ -127,6 +129,7 @@ class DispatcherBackend(Backend):
         ended = [(r.key, r.error is None) for r in msg.done] + [(x.key, False) for x in msg.lost + msg.returned]
         for key, ok in ended:
             for f in self.held.pop(key, ()):
+                self.held_keys.discard(f.key)
                 if ok:
                     go.append(dataclasses.replace(f, after=None))
                 else:
@@ -140,17 +143,19 @@ class DispatcherBackend(Backend):
     def _drop_held(self, keys: Optional[Sequence[int]]) -> None:
         """Cancelled: held followers of these tasks go; those of a cancelled predecessor go back."""
         if keys is None:
-            self.held = {}
+            self.held, self.held_keys = {}, set()
             return
         gone, back = set(keys), []
         for k in list(self.held):
             left = [f for f in self.held[k] if f.key not in gone]
+            self.held_keys.difference_update(f.key for f in self.held[k] if f.key in gone)
             if k in gone:
                 del self.held[k]
                 back += left
             else:
                 self.held[k] = left
         if back:
+            self.held_keys.difference_update(f.key for f in back)
             self.scheduler.tell(P.ClientReport(returned=tuple(
                 P.TaskReturned(f.key, f.attempt, "its predecessor was cancelled") for f in back)))
 
