@@ -233,8 +233,6 @@ class Pipeline:
                     break
                 display.refresh()
                 writer.poll()
-                if recorder is not None:
-                    recorder.poll()
         except KeyboardInterrupt:
             interrupted = True
             display.close()
@@ -252,6 +250,8 @@ class Pipeline:
                 errors += keys.errors
             display.close()
             self._end(scheduler, done, errors)
+            if recorder is not None:
+                recorder.finish()      # its last batch is written while the workers stop
             backend.close()
             _restore_sigterm(previous)
         display.board.update()

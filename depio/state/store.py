@@ -19,6 +19,7 @@ Tables (kept small: about 45 MB after one run of 100,000 one-input one-output ta
     runs       run id, script, cwd, host, pid, start, end, counts by status, log folder
     run_tasks  run, seq -> task key, name, start/end (ms from the run's start), worker, host, Slurm job id,
                attempts, status, reason
+    run_history  the same, packed: one row per batch a pipeline recorded (`codec.encode_history`)
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .hashing import CodeDesc, HashMemo
+from .codec import _decode_rec, _dumps, _encode_rec, decode_history
 from .records import Decision, MadeRecord, RunTask
 
 log = logging.getLogger("depio.state")
@@ -60,6 +62,7 @@ CREATE TABLE IF NOT EXISTS runs(num INTEGER PRIMARY KEY, id TEXT UNIQUE, script 
 CREATE TABLE IF NOT EXISTS run_tasks(run INTEGER, seq INTEGER, key BLOB, name TEXT, start_ms INTEGER, end_ms INTEGER,
     worker TEXT, host TEXT, slurm TEXT, attempts INTEGER, status TEXT, reason TEXT,
     PRIMARY KEY(run, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS run_history(run INTEGER, data BLOB);
 """
 
 
@@ -77,32 +80,6 @@ def keep_runs(env: Optional[Mapping[str, str]] = None) -> int:
         return max(1, int((env if env is not None else os.environ).get(KEEP_ENV, DEFAULT_KEEP)))
     except ValueError:
         return DEFAULT_KEEP
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-
-def _encode_rec(r: MadeRecord) -> str:
-    """deps, args and products as one JSON text; a path argument that is also a dependency or a
-    product is written as ["d", i] / ["p", i] (its index among them) instead of a second copy."""
-    where = {p: ("d", i) for i, p in enumerate(r.deps)}
-    where.update({p: ("p", i) for i, p in enumerate(r.products)})
-    args = {}
-    for name, entry in r.args.items():
-        if not isinstance(entry, str) and entry[1] == "path" and entry[0] in where:
-            entry = list(where[entry[0]])
-        args[name] = entry
-    return _dumps([r.deps, args, r.products])
-
-
-def _decode_rec(text: str) -> tuple:
-    deps, args, products = json.loads(text)
-    lists = {"d": list(deps), "p": list(products)}
-    for name, entry in args.items():
-        if not isinstance(entry, str) and entry[0] in lists and isinstance(entry[1], int):
-            args[name] = [lists[entry[0]][entry[1]], "path"]
-    return deps, args, products
 
 
 class StateStore:
@@ -333,13 +310,14 @@ class StateStore:
             self._task_rows(db, num, tasks)
 
     def write_batch(self, run_id: Optional[str], tasks: Sequence[RunTask], made: Sequence[MadeRecord],
-                    memo: Optional[HashMemo] = None) -> None:
-        """One transaction for a batch of ended tasks: their history rows, the made records of those
-        that FINISHED, and the memo's new hashes."""
-        num = self._num(run_id) if run_id is not None and tasks else None
+                    memo: Optional[HashMemo] = None, packed: Sequence[bytes] = ()) -> None:
+        """One transaction for a batch of ended tasks: their history rows (or `packed` batches of
+        them), the made records of those that FINISHED, and the memo's new hashes."""
+        num = self._num(run_id) if run_id is not None and (tasks or packed) else None
         with self._write() as db:
             if num is not None:
                 self._task_rows(db, num, tasks)
+                db.executemany("INSERT INTO run_history VALUES (?,?)", [(num[0], b) for b in packed])
             if made:
                 self._made_rows(db, made)
             if memo is not None:
@@ -360,6 +338,7 @@ class StateStore:
         if old:
             with self._write() as db:
                 db.executemany("DELETE FROM run_tasks WHERE run = ?", [(n,) for n in old])
+                db.executemany("DELETE FROM run_history WHERE run = ?", [(n,) for n in old])
                 db.executemany("DELETE FROM runs WHERE num = ?", [(n,) for n in old])
         return len(old)
 
@@ -385,9 +364,12 @@ class StateStore:
         num, t0 = self._num(run_id)
         rows = self._read("SELECT seq, key, name, status, start_ms, end_ms, worker, host, slurm, attempts, reason "
                           "FROM run_tasks WHERE run = ? ORDER BY seq", (num,))
-        return [RunTask(s, k.hex() if k else "", n, st, None if a is None else t0 + a / 1000,
-                        None if e is None else t0 + e / 1000, w or "", h or "", sl or "", at or 0, r or "")
-                for s, k, n, st, a, e, w, h, sl, at, r in rows]
+        out = [RunTask(s, k.hex() if k else "", n, st, None if a is None else t0 + a / 1000,
+                       None if e is None else t0 + e / 1000, w or "", h or "", sl or "", at or 0, r or "")
+               for s, k, n, st, a, e, w, h, sl, at, r in rows]
+        for (blob,) in self._read("SELECT data FROM run_history WHERE run = ?", (num,)):
+            out += decode_history(blob, t0)
+        return sorted(out, key=lambda t: t.seq) if len(out) > len(rows) else out
 
 
 __all__ = ["StateStore", "state_path", "keep_runs", "STATE_ENV", "KEEP_ENV", "DEFAULT_STATE_PATH",

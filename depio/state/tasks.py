@@ -14,6 +14,8 @@ import os
 import stat
 import sys
 import threading
+import time
+from collections import Counter
 from pathlib import Path, PosixPath, PurePosixPath
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -21,10 +23,10 @@ from ..BuildMode import BuildMode
 from ..TaskStatus import TaskStatus, TERMINAL_STATES
 from .files import HashMemo, _file_hash, content_hash, norm_path
 from .hashing import code_hash
-from .records import Decision, MadeRecord, RunTask, snapshot
+from .codec import encode_history
+from .records import Decision, MadeRecord, snapshot
 from .store import StateStore
 from .values import args_digest
-from .writer import StateWriter
 
 log = logging.getLogger("depio.state")
 
@@ -215,17 +217,16 @@ class TaskState:
         return [(t, why) for t, (_, why) in zip(tasks, done)]
 
 
-def _host_of(worker: str) -> str:
-    """`pilot-12@node3` and `node3:4242` (how workers name themselves) run on node3."""
-    if "@" in worker:
-        return worker.rsplit("@", 1)[1]
-    return worker.split(":", 1)[0] if ":" in worker else ""
-
-
 class Recorder:
-    """One run's history and made records, written from the pipeline's loop (`poll`) in batches by a
-    StateWriter. Only a task that ended FINISHED is recorded as made; SKIPPED tasks are counted,
-    not listed (an up-to-date run of 100,000 tasks writes one row)."""
+    """One run's history and made records, written in batched transactions from a thread of its
+    own (every half second, and once more at the end: `finish()` starts that last pass while the
+    pipeline stops its workers, `close()` waits for it), so that recording stays off the scheduler's
+    and the pipeline loop's way; the history goes packed (`codec.encode_history`). Only a task that
+    ended FINISHED is recorded as made; SKIPPED tasks are counted, not listed (an up-to-date run of
+    100,000 tasks writes one row)."""
+
+    INTERVAL = 0.5          # seconds between transactions at most
+    BATCH = 5000            # tasks per transaction at most
 
     def __init__(self, state: TaskState, tasks: Sequence, log_dir: Optional[os.PathLike] = None,
                  script: Optional[str] = None):
@@ -233,9 +234,29 @@ class Recorder:
         if script is None:
             script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-c") else ""
         self.run_id = state.store.begin_run(script, log_dir=log_dir)
-        self.writer = StateWriter(state.store, self.run_id, None)
+        self.t0 = state.store.run(self.run_id)["start"]
         self.todo = list(range(len(tasks)))
-        self.counts: Dict[str, int] = {}
+        self.skipped = self.pending = 0
+        self.packed: List[bytes] = []          # history batches not written yet
+        self.made: List[MadeRecord] = []
+        self.last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="depio-state-recorder", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.INTERVAL):
+            self.poll()
+        self.poll(final=True)
+        if self.failed:
+            return
+        counts = Counter(t._status.name for t in self.tasks if t._status is not SKIPPED)
+        if self.skipped:
+            counts["SKIPPED"] = self.skipped
+        try:
+            self.state.store.end_run(self.run_id, dict(counts))
+        except Exception as e:
+            log.warning("cannot end the run's record in %s: %s", self.state.store.path, e)
 
     @classmethod
     def start(cls, state: Optional[TaskState], tasks: Sequence, log_dir: Optional[os.PathLike] = None
@@ -264,47 +285,53 @@ class Recorder:
     failed = False
 
     def _poll(self, final: bool) -> None:
-        tasks, left = self.tasks, []
+        tasks, left, ended = self.tasks, [], []
         for i in self.todo:
             t = tasks[i]
             s = t._status
             if s in TERMINAL_STATES:
-                self._ended(t, s)
+                if s is SKIPPED:
+                    self.skipped += 1
+                else:
+                    ended.append(t)
             else:
                 left.append(i)
         self.todo = left
-        self.writer.memo = self.state._memo
-        if final:
-            self.writer.flush()
-        else:
-            self.writer.poll()
+        if ended:
+            keys = [self._made(t) if t._status is FINISHED and (t.products or needs_state(t)) else "" for t in ended]
+            self.packed.append(encode_history(ended, keys, self.t0))
+            self.pending += len(ended)
+        if final or self.pending >= self.BATCH or (self.packed or self.made) and \
+                time.monotonic() - self.last >= self.INTERVAL:
+            self._flush()
 
-    def _ended(self, t, s: TaskStatus) -> None:
-        self.counts[s.name] = self.counts.get(s.name, 0) + 1
-        if s is SKIPPED:
-            return
-        made = None
-        if s is FINISHED and (t.products or needs_state(t)):
-            try:
-                made = self.state.current(t)
-            except Exception as e:       # a product deleted meanwhile, an unreadable file: not recorded
-                log.warning("cannot record how %s was made: %s", t.label, e)
-        worker = t.worker or ""
-        self.writer.ended(RunTask(t._queue_id or 0, made.key if made else "", t.name, s.name, t.start_time,
-                                  t.end_time, worker, _host_of(worker), t._slurmid, t.attempts, t.reason), made)
+    def _made(self, t) -> str:
+        """Record how a FINISHED task's products were made; its key ("" when it cannot be recorded)."""
+        try:
+            rec = self.state.current(t)
+        except Exception as e:       # a product deleted meanwhile, an unreadable file: not recorded
+            log.warning("cannot record how %s was made: %s", t.label, e)
+            return ""
+        self.made.append(rec)
+        return rec.key
+
+    def _flush(self) -> None:
+        memo = self.state._memo
+        if self.packed or self.made or (memo is not None and memo.dirty):
+            packed, made = self.packed, self.made
+            self.packed, self.made, self.pending = [], [], 0
+            self.state.store.write_batch(self.run_id, (), made, memo, packed=packed)
+        self.last = time.monotonic()
+
+    def finish(self) -> None:
+        """Every task has ended: write what is left and end the run with its counts by status (tasks
+        that never ended count too), in the recorder's thread."""
+        self._stop.set()
 
     def close(self) -> None:
-        """Write what is left and end the run with its counts by status (tasks never ended count too)."""
-        self.poll(final=True)
-        if self.failed:
-            return
-        for i in self.todo:
-            name = self.tasks[i]._status.name
-            self.counts[name] = self.counts.get(name, 0) + 1
-        try:
-            self.writer.close(self.counts)
-        except Exception as e:
-            log.warning("cannot end the run's record in %s: %s", self.state.store.path, e)
+        """`finish()`, and wait until it is written."""
+        self._stop.set()
+        self._thread.join()
 
 
 __all__ = ["TaskState", "Recorder", "inputs_of", "needs_state", "STATE_MODES"]
