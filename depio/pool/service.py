@@ -150,16 +150,20 @@ def workers_coming(launchers: List[Any]) -> str:
     yet, Slurm pilots waiting in the queue or starting."""
     parts = []
     for launcher in launchers:
-        if isinstance(launcher, PoolWorkers):
-            n = launcher.coming()
-            if n:
-                parts.append(f"{n} local worker(s) starting")
-        else:
-            with launcher.lock:
-                waiting = [p for p in launcher.pilots.values() if not p.ended and not p.registered]
-            if waiting:
-                parts.append(f"{len(waiting)} Slurm pilot job(s) on their way ("
-                             + ", ".join(sorted({p.state or "submitted" for p in waiting})) + ")")
+        try:
+            if isinstance(launcher, PoolWorkers):
+                n = launcher.coming()
+                if n:
+                    parts.append(f"{n} local worker(s) starting")
+            else:
+                with launcher.lock:
+                    waiting = [p for p in launcher.pilots.values() if not p.ended and not p.registered]
+                if waiting:
+                    parts.append(f"{len(waiting)} Slurm pilot job(s) on their way ("
+                                 + ", ".join(sorted({p.state or "submitted" for p in waiting})) + ")")
+        except Exception:      # a launcher's bug must not stop the dispatcher's loop: count it as coming
+            log.exception("cannot tell which workers are on their way")
+            parts.append("unknown")
     return "; ".join(parts)
 
 
