@@ -20,7 +20,7 @@ from typing import Optional
 
 MIN_INTERVAL = 1.0       # seconds between two sbatch calls of one pipeline
 SHORT_GATHER = 0.3       # when no job of ours waits in Slurm
-MAX_GATHER = 5.0         # when some do: at most this long, ...
+MAX_GATHER = 15.0        # when some do: at most this long (they keep the cluster busy meanwhile), ...
 BATCH = 10               # ... or until this many tasks are ready
 MAX_BACKOFF = 60.0
 
