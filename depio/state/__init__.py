@@ -45,7 +45,8 @@ tasks run again.
 returns (record, what was accepted or None when it was up to date) pairs to print.
 
 **Wired in (`tasks.py`).** `TaskState` is this recipe on a pipeline's tasks (the scheduler's
-decisions reach it as `task._state`), `Recorder` the recording from the pipeline's loop, and
+decisions reach it as `task._state`), `Recorder` the recording in a thread of its own (the history
+packed per batch, `codec.encode_history`), and
 `TaskState.accept` what `Pipeline.accept` and `depio accept` call. A record's fingerprint covers
 its products as made too: a product rewritten by a failed or killed run, or by hand, is not up to date.
 

@@ -3,7 +3,7 @@ recording what ended, and accepting the present state.
 
 Duck-typed on depio's Task (name, func, cleaned_args, products, path_dependencies, task_dependencies,
 buildmode, track_code and the run state), so that this package still imports nothing of the runtime.
-Deciding runs in the scheduler's thread and recording in the pipeline's: the memo and the lazily
+Deciding runs in the scheduler's thread and recording in the recorder's own: the memo and the lazily
 loaded tables are shared, each load taken under a lock.
 """
 from __future__ import annotations
