@@ -75,8 +75,8 @@ def test_40_ready_tasks_go_out_in_at_most_4_arrays(slurm_env):
         def work(i):
             return i
 
-        p = Pipeline(SubmitItExecutor(folder="slurm", parameters={"slurm_time": 5, "slurm_mem": 100},
-                                      max_jobs_queued=40), quiet=True)
+        # default caps (20 in Slurm at once): the rest is gathered as capacity frees up
+        p = Pipeline(SubmitItExecutor(folder="slurm", parameters={"slurm_time": 5, "slurm_mem": 100}), quiet=True)
         tasks = [p.add_task(Task(f"w{i}", work, [i])) for i in range(40)]
         code = p.run()
         assert all(t.result == i for i, t in enumerate(tasks))
