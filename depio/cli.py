@@ -31,7 +31,8 @@ environment:
   DEPIO_DRY_RUN=1      run() shows the plan and runs nothing
   DEPIO_LOG_DIR=DIR    where per-task logs go (default .depio/logs; "off" disables them)
   DEPIO_LOG_KEEP=N     run folders (and runs in the state store) kept (default 20)
-  DEPIO_STATE=PATH     the state store (default .depio/state.sqlite; "off" disables it)
+  DEPIO_STATE=PATH     the state store (default .depio/state.sqlite, or DIR/state.sqlite with
+                       DEPIO_LOG_DIR=DIR; "off" disables it)
   DEPIO_ADDRESS=HOST   the address Slurm jobs connect back to
 """
 

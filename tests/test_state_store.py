@@ -50,7 +50,9 @@ def test_state_path_follows_the_log_conventions(workdir, tmp_path):
     assert state_path({"DEPIO_STATE": "off"}) is None and state_path({"DEPIO_STATE": "OFF "}) is None
     assert state_path({"DEPIO_STATE": str(tmp_path / "x.db")}) == tmp_path / "x.db"
     assert state_path({"DEPIO_STATE": str(tmp_path)}) == tmp_path / "state.sqlite"
-    assert state_path({"DEPIO_LOG_DIR": "/elsewhere/logs"}) == Path(os.getcwd(), ".depio", "state.sqlite")
+    assert state_path({"DEPIO_LOG_DIR": "/elsewhere/logs"}) == Path("/elsewhere/logs/state.sqlite")
+    assert state_path({"DEPIO_LOG_DIR": "off"}) == Path(os.getcwd(), ".depio", "state.sqlite")
+    assert state_path({"DEPIO_LOG_DIR": "/elsewhere/logs", "DEPIO_STATE": str(tmp_path)}) == tmp_path / "state.sqlite"
     assert StateStore.open_default({"DEPIO_STATE": "off"}) is None
     s = StateStore.open_default({})
     assert s is not None and s.path.exists()
