@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import marshal
-from typing import Dict, List, Optional, Sequence
+from typing import List, Sequence
 
 from .records import MadeRecord, RunTask
 
@@ -39,28 +39,21 @@ def _decode_rec(text: str) -> tuple:
     return deps, args, products
 
 
-def _host_of(worker: str, cache: Dict[str, str]) -> str:
+def _host_of(worker: str) -> str:
     """`pilot-12@node3` and `node3:4242` (how workers name themselves) run on node3."""
-    host = cache.get(worker)
-    if host is None:
-        host = worker.rsplit("@", 1)[1] if "@" in worker else worker.split(":", 1)[0] if ":" in worker else ""
-        cache[worker] = host
-    return host
-
-
-def _ms(t: Optional[float], t0: float) -> Optional[int]:
-    return None if t is None else round((t - t0) * 1000)
+    return worker.rsplit("@", 1)[1] if "@" in worker else worker.split(":", 1)[0] if ":" in worker else ""
 
 
 def encode_history(tasks: Sequence, keys: Sequence[str], t0: float) -> bytes:
     """The history of ended tasks (depio Task objects: queue id, name, times, worker, Slurm id,
     attempts, status, reason), one column each; `keys` are their store keys ("" when not made);
-    times in ms from `t0`, the run's start."""
-    hosts: Dict[str, str] = {}
+    times in ms from `t0`, the run's start. Comprehensions only: it runs while tasks run."""
     workers = [t.worker or "" for t in tasks]
+    hosts = {w: _host_of(w) for w in set(workers)}
     return marshal.dumps((HISTORY_VERSION, [t._queue_id or 0 for t in tasks], list(keys), [t.name for t in tasks],
-                          [_ms(t.start_time, t0) for t in tasks], [_ms(t.end_time, t0) for t in tasks], workers,
-                          [_host_of(w, hosts) for w in workers], [t._slurmid or "" for t in tasks],
+                          [None if (s := t.start_time) is None else int((s - t0) * 1000 + 0.5) for t in tasks],
+                          [None if (e := t.end_time) is None else int((e - t0) * 1000 + 0.5) for t in tasks],
+                          workers, [hosts[w] for w in workers], [t._slurmid or "" for t in tasks],
                           [t.attempts for t in tasks], [t._status.name for t in tasks], [t.reason or "" for t in tasks]))
 
 

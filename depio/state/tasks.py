@@ -285,20 +285,18 @@ class Recorder:
     failed = False
 
     def _poll(self, final: bool) -> None:
-        tasks, left, ended = self.tasks, [], []
-        for i in self.todo:
-            t = tasks[i]
-            s = t._status
-            if s in TERMINAL_STATES:
-                if s is SKIPPED:
-                    self.skipped += 1
-                else:
-                    ended.append(t)
-            else:
-                left.append(i)
-        self.todo = left
+        tasks, terminal = self.tasks, TERMINAL_STATES
+        done = [i for i in self.todo if tasks[i]._status in terminal]
+        if len(done) == len(self.todo):
+            self.todo = []
+        elif done:
+            gone = set(done)
+            self.todo = [i for i in self.todo if i not in gone]
+        ended = [tasks[i] for i in done if tasks[i]._status is not SKIPPED]
+        self.skipped += len(done) - len(ended)
         if ended:
-            keys = [self._made(t) if t._status is FINISHED and (t.products or needs_state(t)) else "" for t in ended]
+            keys = [self._made(t) if t._status is FINISHED and (t.products or t.buildmode in STATE_MODES or t.track_code)
+                    else "" for t in ended]
             self.packed.append(encode_history(ended, keys, self.t0))
             self.pending += len(ended)
         if final or self.pending >= self.BATCH or (self.packed or self.made) and \
