@@ -219,13 +219,13 @@ class TaskState:
 
 class Recorder:
     """One run's history and made records, written in batched transactions from a thread of its
-    own (every half second, and once more at the end: `finish()` starts that last pass while the
+    own (every INTERVAL seconds, and once more at the end: `finish()` starts that last pass while the
     pipeline stops its workers, `close()` waits for it), so that recording stays off the scheduler's
     and the pipeline loop's way; the history goes packed (`codec.encode_history`). Only a task that
     ended FINISHED is recorded as made; SKIPPED tasks are counted, not listed (an up-to-date run of
     100,000 tasks writes one row)."""
 
-    INTERVAL = 0.5          # seconds between transactions at most
+    INTERVAL = 2.0          # seconds between transactions at most: what a kill -9 may lose (those tasks rerun)
     BATCH = 5000            # tasks per transaction at most
 
     def __init__(self, state: TaskState, tasks: Sequence, log_dir: Optional[os.PathLike] = None,
