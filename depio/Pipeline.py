@@ -3,30 +3,22 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
-import traceback
 from pathlib import Path
 from typing import Dict, List, NoReturn, Optional, Sequence, Tuple
-
-import pykka
 
 from .BuildMode import BuildMode
 from .Executors import AbstractTaskExecutor, ParallelExecutor
 from .Task import Task
-from .TaskStatus import TaskStatus, SUCCESSFUL_TERMINAL_STATES
-from .runtime.backends import InlineBackend
+from .TaskStatus import TaskStatus
 from .runtime.decide import decide
 from .runtime.identity import compute_hash
-from .runtime.transitions import ChangeFeed
-from .view.display import Display, KeyReader, render_dry_run
-from .view.logs import LogWriter, RunLogs
+from .view.display import isatty, render_dry_run
 from .exceptions import (DependencyNotAvailableException, ProductAlreadyRegisteredException,
                          TaskNotInQueueException, CyclicDependencyException, TaskNotPicklableException)
 from .runtime.graph import Graph, path_key, pickle_payloads, resolve, topological_order, working_dir
-from .runtime.scheduler import Cancel, Limits, Pause, SchedulerActor, Start
-from .state.tasks import STATE_MODES, Recorder, TaskState
+from .runtime.run import PipelineRun
+from .state.tasks import STATE_MODES, TaskState
 
 log = logging.getLogger("depio.pipeline")
 
@@ -181,105 +173,7 @@ class Pipeline:
             t.stdout_path = t.stderr_path = None
         if state is not None:
             self._attach(state)
-        backend = executor.make_backend() if self.tasks else None
-        inline = isinstance(backend, InlineBackend)   # tasks print to this terminal; pdb needs stdin
-        stdout_tty = _isatty(sys.stdout)
-        live = stdout_tty and not inline and not self.quiet
-        feed = ChangeFeed()
-        display = Display(self.tasks, quiet=self.quiet, clear_screen=self.clear_screen,
-                          hide_successful=self.hide_successful_terminated_tasks, refreshrate=self.refreshrate,
-                          name=self.name, live=live, keys=live and _isatty(sys.stdin), feed=feed)
-        if not self.tasks:
-            display.final(0)
-            return 0
-        logs = RunLogs()
-        logs.open()
-        display.log_folder = logs.folder
-        writer = LogWriter(logs, self.tasks, display.board)
-        recorder = Recorder.start(state, self.tasks, logs.folder)
-        done = threading.Event()
-        errors: List[str] = []        # what failed the run itself: the scheduler's crash, this loop's
-        limits = Limits(executor.max_jobs_queued, executor.max_jobs_pending, executor.retries_on_worker_loss)
-        scheduler = SchedulerActor.start(g, backend, done, limits, feed=feed, crash=errors)
-        backend.bind(scheduler, g)
-        interrupted = False
-        quit_by_key = []
-
-        def on_key(ch: str) -> None:
-            ch = ch.lower()
-            if ch == "p" and not display.paused:
-                scheduler.tell(Pause(True))
-                display.paused = True
-            elif ch == "r" and display.paused:
-                scheduler.tell(Pause(False))
-                display.paused = False
-            elif ch == "q" and not quit_by_key:
-                quit_by_key.append(True)
-                display.note = "quitting: cancelling the run ..."
-                scheduler.tell(Cancel("quit by the user (key q)"))
-            else:
-                return
-            display.refresh()
-
-        keys = KeyReader(on_key) if display.keys else None
-        previous = _install_sigterm()
-        try:
-            if keys is not None and not keys.start():
-                display.keys, keys = False, None
-            display.start()
-            scheduler.tell(Start())
-            while not backend.wait(done, self.refreshrate):
-                if not scheduler.is_alive():
-                    break
-                display.refresh()
-                writer.poll()
-        except KeyboardInterrupt:
-            interrupted = True
-            display.close()
-            if not self.quiet:
-                print("\nInterrupted: cancelling the run ...", file=sys.stderr, flush=True)
-            _tell(scheduler, Cancel("interrupted (Ctrl-C / SIGTERM)"))
-            done.wait(10)
-        except Exception as e:
-            errors.append(f"the pipeline's loop failed:\n{traceback.format_exc()}")
-            _tell(scheduler, Cancel(f"the pipeline's loop failed: {type(e).__name__}: {e}"))
-            done.wait(10)
-        finally:
-            if keys is not None:
-                keys.stop()
-                errors += keys.errors
-            display.close()
-            self._end(scheduler, done, errors)
-            if recorder is not None:
-                recorder.finish()      # its last batch is written while the workers stop
-            backend.close()
-            _restore_sigterm(previous)
-        display.board.update()
-        writer.poll(final=True)
-        writer.write_errors(errors + display.errors)
-        if recorder is not None:
-            recorder.close()
-        ok = all(t._status in SUCCESSFUL_TERMINAL_STATES for t in self.tasks) and not interrupted \
-            and not quit_by_key and not errors and not display.errors
-        code = 0 if ok else 1
-        display.final(code, errors)
-        return code
-
-    def _end(self, scheduler, done: threading.Event, errors: List[str]) -> None:
-        """Stop the scheduler. A task it has not ended yet (the run stopped early) it cancels first,
-        as the only writer of task states; one it could not reach is reported."""
-        if scheduler.is_alive() and not done.is_set():
-            try:
-                scheduler.ask(Cancel("the run ended before this task"), timeout=10)
-            except Exception as e:
-                errors.append(f"the scheduler did not answer at the end of the run: {type(e).__name__}: {e}")
-        try:
-            scheduler.stop(timeout=10)
-        except Exception as e:
-            errors.append(f"the scheduler did not stop: {type(e).__name__}: {e}")
-        left = sum(1 for t in self.tasks if not t.is_in_terminal_state)
-        if left:
-            errors.append(f"{left} task(s) never ended: the scheduler stopped before it could end them")
+        return PipelineRun(self, g, executor, state).run()
 
     def explain(self) -> List[Tuple[Task, Optional[str]]]:
         """For each task, in registration order: why it would run now, or None if it would be
@@ -345,33 +239,9 @@ class Pipeline:
     def _dry_run(self) -> int:
         plan = self.explain()
         if not self.quiet:
-            text = render_dry_run([t for t, _ in plan], [r for _, r in plan], color=_isatty(sys.stdout))
+            text = render_dry_run([t for t, _ in plan], [r for _, r in plan], color=isatty(sys.stdout))
             print(text, flush=True)
         return 0
-
-
-def _tell(actor, msg) -> None:
-    """Tell the scheduler, if it still runs (if not, its crash already ended every task)."""
-    try:
-        actor.tell(msg)
-    except pykka.ActorDeadError:
-        pass
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-def _install_sigterm():
-    """SIGTERM stops a run like Ctrl-C does (only possible from the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_interrupt)
-
-
-def _restore_sigterm(previous) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
 
 
 DRY_RUN_ENV = "DEPIO_DRY_RUN"
@@ -381,13 +251,6 @@ ACCEPT_TASKS_ENV = "DEPIO_ACCEPT_TASKS"     # the tasks to accept, one a line (a
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
 
 
 __all__ = ["Pipeline", "Task", "BuildMode", "ProductAlreadyRegisteredException", "TaskNotInQueueException",

@@ -146,6 +146,21 @@ def test_a_pipeline_on_a_pool_without_workers_fails_with_the_reason(home, workdi
         pool.stop()
 
 
+@pytest.mark.timeout(60)
+def test_the_view_says_while_a_pool_has_no_worker(home, workdir):
+    """Before the limit lets the pipeline go, its progress lines say why nothing runs."""
+    pool = pool_with(home, "idle", "--no-worker-limit", "8", local=0, heartbeat=0.2)
+    try:
+        (workdir / "q.py").write_text(QUICK.replace("quiet=True", "quiet=False"))
+        r = subprocess.run([sys.executable, "q.py", "idle"], cwd=workdir, env=env_for(home), capture_output=True,
+                           text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert r.returncode != 0
+        waiting = [line for line in r.stdout.splitlines() if "the pool has no worker yet" in line]
+        assert waiting, r.stdout + r.stderr
+    finally:
+        pool.stop()
+
+
 # ---------------------------------------------------------------- 3. limits
 
 def test_huge_frames_from_a_stranger_are_not_held_and_a_too_big_task_fails_saying_so(home, workdir):

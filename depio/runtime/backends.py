@@ -37,6 +37,7 @@ class Backend(ABC):
     # Whether `submit` takes followers (`TaskSpec.after`): tasks that must start only once their
     # predecessor succeeded, where it ran. Backends that cannot hold a task back get none.
     runs_followers = False
+    note = ""       # one line the view shows while it holds (e.g. a pool that has no worker yet)
 
     def bind(self, scheduler, graph) -> None:
         self.scheduler = scheduler
@@ -205,6 +206,8 @@ class DispatcherBackend(Backend):
                     pass
         elif isinstance(msg, P.Shutdown):
             self._lost(f"the dispatcher shut down: {msg.reason}")
+        elif isinstance(msg, P.WorkersChanged) and self.pool_address is not None:
+            self.note = "" if msg.workers else "the pool has no worker yet: tasks wait for one"
 
     def observe(self, msg: object) -> None:
         """A hook for backends that follow the run (the Slurm pilot launcher); nothing here."""

@@ -161,7 +161,7 @@ class Display:
         self.board = Board(tasks, feed)
         self.stream = stream or sys.stdout
         self.quiet = quiet
-        self.tty = _isatty(self.stream)
+        self.tty = isatty(self.stream)
         self.live = self.tty if live is None else bool(live and self.tty)
         self.clear_screen = clear_screen
         self.hide_successful = hide_successful
@@ -252,7 +252,8 @@ class Display:
                     self._draw()
                 elif time.monotonic() - self.last_line >= self.progress_interval:
                     self.last_line = time.monotonic()
-                    self._write(summary_line(self.tasks, time.monotonic() - self.started, self.board.counts) + "\n")
+                    line = summary_line(self.tasks, time.monotonic() - self.started, self.board.counts)
+                    self._write(line + (f"  ({self.note})" if self.note else "") + "\n")
             except Exception:
                 self._failed("to draw")
 
@@ -306,7 +307,8 @@ class Display:
             self._write(f"{failed} of {len(self.tasks)} task(s) did not succeed. Exit 1.\n")
 
 
-def _isatty(stream) -> bool:
+def isatty(stream) -> bool:
+    """Whether `stream` is a terminal (False for anything that cannot say)."""
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
