@@ -13,6 +13,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# A suite started in the background by a non-interactive shell (`cmd &`) inherits SIGINT ignored, and so
+# would every pipeline it starts: Python then installs no KeyboardInterrupt handler and the Ctrl-C
+# tests would test nothing. A Python-level handler here makes children start with the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def descendants(pid: int) -> List[int]:
     """PIDs of every living descendant of `pid` (from /proc, zombies excluded)."""
