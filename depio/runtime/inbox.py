@@ -17,6 +17,7 @@ and heartbeats go out while it waits. What arrives for the actor waits in this i
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 import select
 import threading
 import time
@@ -42,7 +43,7 @@ class LoopFailure:
     traceback: str
 
 
-class DrivenLoop:
+class DrivenLoop(ABC):
     """What `Dispatcher` and `DispatcherClient` share: a thread of their own runs `turn()`, or the
     scheduler actor's thread does (through `DispatchingInbox`), and a keep-alive thread may run a turn
     in between (`turn_aside`). A subclass implements `_turn(block)`; a bug in it that stops the loop is
@@ -110,8 +111,9 @@ class DrivenLoop:
             with self._lock:
                 close()
 
+    @abstractmethod
     def _turn(self, block: bool) -> bool:
-        raise NotImplementedError
+        """One turn of the subclass's loop; False once it has stopped."""
 
 
 class DispatchingInbox:
