@@ -128,7 +128,8 @@ sys.exit(code)
     outs = [p.communicate(timeout=110)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     db = workdir / ".depio" / "state.sqlite"
-    assert integrity(db) == "ok" and made_count(db) == 602
+    assert integrity(db) == "ok", outs
+    assert made_count(db) == 602, outs
     with StateStore(db) as store:
         runs = store.runs()
         assert len(runs) == 2 and all(r["counts"] == {"FINISHED": 301} for r in runs)

@@ -239,6 +239,25 @@ def test_two_pipelines_in_one_folder_at_once(tmp_path):
         assert sorted(len(store.run_tasks(r["id"])) for r in store.runs()) == [6000, 6000]
 
 
+def _open_store(path: str) -> None:
+    StateStore(path, timeout=30).close()
+
+
+def test_pipelines_creating_the_store_at_the_same_moment_all_open_it(tmp_path):
+    """SQLite fails a journal-mode change at once while another connection holds the new file (no busy
+    handler): each of several processes creating the database together must still open it."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    for i in range(120):
+        path = str(tmp_path / f"{i}" / "state.sqlite")
+        procs = [ctx.Process(target=_open_store, args=(path,)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0], f"round {i}: a process could not open {path}"
+
+
 def test_size_per_task_stays_small(workdir, tmp_path):
     """A 2,000-task run, sized per task, is a guard on the 100,000-task figure (under 50 MB)."""
     n = 2000
