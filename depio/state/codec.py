@@ -47,14 +47,15 @@ def _host_of(worker: str) -> str:
 def encode_history(tasks: Sequence, keys: Sequence[str], t0: float) -> bytes:
     """The history of ended tasks (depio Task objects: queue id, name, times, worker, Slurm id,
     attempts, status, reason), one column each; `keys` are their store keys ("" when not made);
-    times in ms from `t0`, the run's start. Comprehensions only: it runs while tasks run."""
+    times in ms from `t0`, the run's start. Comprehensions only, and `_name_` (a plain attribute; `.name`
+    is a Python-level property): it runs while tasks run."""
     workers = [t.worker or "" for t in tasks]
     hosts = {w: _host_of(w) for w in set(workers)}
     return marshal.dumps((HISTORY_VERSION, [t._queue_id or 0 for t in tasks], list(keys), [t.name for t in tasks],
                           [None if (s := t.start_time) is None else int((s - t0) * 1000 + 0.5) for t in tasks],
                           [None if (e := t.end_time) is None else int((e - t0) * 1000 + 0.5) for t in tasks],
                           workers, [hosts[w] for w in workers], [t._slurmid or "" for t in tasks],
-                          [t.attempts for t in tasks], [t._status.name for t in tasks], [t.reason or "" for t in tasks]))
+                          [t.attempts for t in tasks], [t._status._name_ for t in tasks], [t.reason or "" for t in tasks]))
 
 
 def decode_history(blob: bytes, t0: float) -> List[RunTask]:

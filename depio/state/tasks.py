@@ -33,6 +33,7 @@ log = logging.getLogger("depio.state")
 FINISHED, SKIPPED = TaskStatus.FINISHED, TaskStatus.SKIPPED
 _PLAIN_PATHS = frozenset({PosixPath, PurePosixPath})
 STATE_MODES = (BuildMode.IF_CHANGED, BuildMode.IF_CODE_CHANGED)    # modes that read the store to decide
+_TERMINAL = tuple(TERMINAL_STATES)     # a tuple: membership by identity; an Enum's hash is Python code
 
 
 def needs_state(task) -> bool:
@@ -285,7 +286,7 @@ class Recorder:
     failed = False
 
     def _poll(self, final: bool) -> None:
-        tasks, terminal = self.tasks, TERMINAL_STATES
+        tasks, terminal = self.tasks, _TERMINAL
         done = [i for i in self.todo if tasks[i]._status in terminal]
         if len(done) == len(self.todo):
             self.todo = []
