@@ -111,6 +111,52 @@ def test_hide_successful_tasks():
     assert "bad" in out.getvalue() and "good" not in out.getvalue()
 
 
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.timeout(30)
+def test_a_notice_stays_in_every_frame_and_is_in_the_summary_once():
+    tasks = [_task(1, "a", TaskStatus.RUNNING, start_time=time.time())]
+    out = _Tty()
+    d = Display(tasks, stream=out, live=True)
+    d.notice("cancelled 2 Slurm job(s) of an earlier run")        # before the view started
+    d.start()
+    d.notice("this cluster has no partition 'gpu'")
+    d.notice("this cluster has no partition 'gpu'")                # the same line again: shown once
+    for _ in range(3):
+        d.refresh()
+    frames = [f for f in out.getvalue().split("\033[H") if "done  elapsed" in f]
+    assert len(frames) == 4 and all("depio: cancelled 2 Slurm job(s)" in f for f in frames), frames
+    assert all(f.count("no partition 'gpu'") == 1 for f in frames[1:]), frames
+    tasks[0]._status = TaskStatus.FINISHED
+    before = len(out.getvalue())
+    d.final(0)
+    summary = out.getvalue()[before:]
+    assert summary.count("depio: cancelled 2 Slurm job(s)") == 1 and summary.count("no partition 'gpu'") == 1
+    assert summary.rstrip().endswith("All jobs done! Exit.")
+
+
+@pytest.mark.timeout(30)
+def test_a_notice_is_one_plain_line_off_a_terminal_and_on_stderr_when_quiet(capsys):
+    out = io.StringIO()
+    d = Display([_task(1, "a", TaskStatus.FINISHED)], stream=out)
+    d.start()
+    d.notice("cancelled 1 Slurm job(s) of an earlier run")
+    d.refresh()
+    d.final(0)
+    assert out.getvalue().count("depio: cancelled 1 Slurm job(s) of an earlier run\n") == 1
+    assert ESC not in out.getvalue()
+    quiet = io.StringIO()
+    q = Display([_task(1, "a", TaskStatus.FINISHED)], stream=quiet, quiet=True)
+    q.start()
+    q.notice("cancelled 1 Slurm job(s) of an earlier run")
+    q.final(0)
+    assert quiet.getvalue() == ""
+    assert capsys.readouterr().err == "depio: cancelled 1 Slurm job(s) of an earlier run\n"
+
+
 # ---------------------------------------------------------------- a real run, not on a terminal
 
 SCRIPT = """

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
@@ -38,6 +39,23 @@ class Backend(ABC):
     # predecessor succeeded, where it ran. Backends that cannot hold a task back get none.
     runs_followers = False
     note = ""       # one line the view shows while it holds (e.g. a pool that has no worker yet)
+
+    def notice(self, line: str) -> None:
+        """Something the person running the pipeline must read (a Slurm partition replaced, jobs of
+        a dead run cancelled): unlike `note` it stays, in the view and in the final summary. Any
+        thread may call it; the run's main thread takes the lines (`take_notices`)."""
+        self.__dict__.setdefault("_notices", deque()).append(line)
+
+    def take_notices(self) -> List[str]:
+        """The notices since the last call, oldest first."""
+        q = self.__dict__.get("_notices")
+        out: List[str] = []
+        while q:
+            try:
+                out.append(q.popleft())
+            except IndexError:       # taken meanwhile (there is one taker: cannot happen)
+                break
+        return out
 
     def bind(self, scheduler, graph) -> None:
         self.scheduler = scheduler

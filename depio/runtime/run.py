@@ -64,6 +64,7 @@ class PipelineRun:
         try:
             if keys is not None and not keys.start():
                 display.keys, keys = False, None
+            _notices(backend, display)      # e.g. said while the backend was made
             display.start()
             scheduler.tell(Start())
             while not backend.wait(done, p.refreshrate):
@@ -71,6 +72,7 @@ class PipelineRun:
                     break
                 if not self.quit_by_key:
                     display.note = backend.note      # e.g. a pool that has no worker yet
+                _notices(backend, display)
                 display.refresh()
                 writer.poll()
         except KeyboardInterrupt:
@@ -94,6 +96,7 @@ class PipelineRun:
                 recorder.finish()      # its last batch is written while the workers stop
             backend.close()
             _restore_sigterm(previous)
+        _notices(backend, display)          # said while the run ended (they go into the summary)
         display.board.update()
         writer.poll(final=True)
         writer.write_errors(self.errors + display.errors)
@@ -139,6 +142,12 @@ class PipelineRun:
         left = sum(1 for t in self.tasks if not t.is_in_terminal_state)
         if left:
             errors.append(f"{left} task(s) never ended: the scheduler stopped before it could end them")
+
+
+def _notices(backend, display: Display) -> None:
+    """The backend's notices (`Backend.notice`) into the view, which keeps them."""
+    for line in backend.take_notices():
+        display.notice(line)
 
 
 def _tell(actor, msg) -> None:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ..runtime.resources import Resources
 
@@ -21,7 +21,8 @@ DEFAULT_MAX_ARRAY_SIZE = 1001      # Slurm's own default
 
 
 def notice(line: str) -> None:
-    """One line for the person watching the run (stderr: the live view redraws stdout)."""
+    """One line for whoever watches a process without a view (a pool's log): stderr. A pipeline's
+    Slurm backends say it through `Backend.notice` instead, so that its view shows it."""
     print(f"depio: {line}", file=sys.stderr, flush=True)
 
 
@@ -133,12 +134,12 @@ class Cluster:
         parts = self.partitions()
         return None if not parts else name in parts
 
-    def missing_default_partition(self, name: str) -> bool:
+    def missing_default_partition(self, name: str, say: Callable[[str], None] = notice) -> bool:
         """Whether the built-in default partition `name` ("gpu", upstream's) should be dropped so that
         jobs go to the cluster's default one: it does not exist here and $SBATCH_PARTITION does not
-        decide anyway. Says so in one line."""
+        decide anyway. Says so in one line (`say`: the run's backend, whose view shows it)."""
         if not name or os.environ.get("SBATCH_PARTITION") or self.partition_exists(name) is not False:
             return False
-        notice(f"this cluster has no partition {name!r} (the built-in default): submitting to its default "
+        say(f"this cluster has no partition {name!r} (the built-in default): submitting to its default "
                f"partition {self.default_partition() or '(none)'!r}")
         return True

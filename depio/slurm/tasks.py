@@ -24,7 +24,7 @@ from ..runtime.backends import Backend, DispatcherBackend
 from ..runtime.events import BackendFailed, SlurmState
 from ..runtime.resources import pinned_shape, request_of
 from .addresses import bind_address
-from .cluster import Cluster, notice
+from .cluster import Cluster
 from .query import QUERY_INTERVAL
 from .submission import DEFAULT_PARAMS, sbatch_parameters
 from .task_jobs import SlurmTaskLauncher, _Attempt
@@ -47,7 +47,7 @@ class SlurmTaskBackend(DispatcherBackend):
         self.cluster = Cluster()
         launcher = SlurmTaskLauncher(self.folder, internal_executor, heartbeat, liveness, query_interval,
                                      recheck_interval, self.cluster)
-        launcher.notice = notice
+        launcher.notice = self.notice       # the run's view shows it
         # a configured key wins; else a fresh one for this run, handed to the jobs in a mode-600 file
         key = P.load_key(key_file) or P.new_key()
         super().__init__(launcher=launcher, bind=bind_address(address), key=key, heartbeat=heartbeat,
@@ -83,7 +83,8 @@ class SlurmTaskBackend(DispatcherBackend):
         name (say so, use the cluster's default), and tasks that no node could ever run (fail the run,
         naming them and what they asked for)."""
         if self.default_partition:
-            self.drop_partition = self.cluster.missing_default_partition(str(self.parameters.get("slurm_partition", "")))
+            self.drop_partition = self.cluster.missing_default_partition(str(self.parameters.get("slurm_partition", "")),
+                                                                         self.notice)
         base = dict(self.parameters)
         if self.drop_partition:
             base.pop("slurm_partition", None)

@@ -98,8 +98,10 @@ def progress_bar(counts: Counter, total: int, width: int, color: bool, unicode: 
 
 def live_lines(tasks: Sequence[Task], *, name: str, elapsed: float, eta: Optional[float], width: int,
                height: int, paused: bool, note: str, hide_successful: bool, color: bool = True,
-               unicode: bool = True, keys: bool = True, board: Optional[Board] = None) -> List[str]:
-    """The frame of the live view, at most `height` lines (each may still need `fit`)."""
+               unicode: bool = True, keys: bool = True, board: Optional[Board] = None,
+               notices: Sequence[str] = ()) -> List[str]:
+    """The frame of the live view, at most `height` lines (each may still need `fit`). `notices`
+    stay under the progress bar for the whole run (`note` is a transient in the head line)."""
     now = time.time()
     total = len(tasks)
     board = board or Board(tasks)
@@ -117,6 +119,7 @@ def live_lines(tasks: Sequence[Task], *, name: str, elapsed: float, eta: Optiona
     bar_w = max(10, min(40, width - 60))
     lines = [head, f"[{progress_bar(counts, total, bar_w, color, unicode)}] {pct:5.1f}%  "
                    + counts_text(counts, color, "  ")]
+    lines += [_colored(f"depio: {line}", "yellow", color) for line in notices]
     running = board.running_tasks()
     budget = max(3, height - 4)
     if running:
@@ -173,6 +176,9 @@ class Display:
         self.last_line = self.started
         self.paused = False
         self.note = ""
+        self.notices: List[str] = []      # the backend's notices: in every frame and in the summary
+        self._unsaid: List[str] = []      # those only frames showed so far: the summary writes them
+        self._begun = False
         self.log_folder = None
         self.errors: List[str] = []       # tracebacks of what the view could not draw
         self._silent = False              # even plain output failed: draw nothing more
@@ -214,6 +220,7 @@ class Display:
         if self.quiet:
             return
         with self._lock:
+            self._begun = True
             try:
                 if self.live:
                     self._live_on = True
@@ -225,12 +232,30 @@ class Display:
             except Exception:
                 self._failed("to start")
 
+    def notice(self, line: str) -> None:
+        """A backend's notice (jobs of a dead run cancelled, a partition replaced), shown once and
+        for good: a line of every frame of the live view and of the final summary; otherwise one
+        plain line at once (on stderr when quiet: a quiet run still says it)."""
+        with self._lock:
+            if line in self.notices:
+                return
+            self.notices.append(line)
+            if not self.quiet and (self._live_on or (self.live and not self._begun)):
+                self._unsaid.append(line)       # the next frame shows it, the summary writes it
+                return
+            stream = sys.stderr if self.quiet or self._silent else self.stream
+            try:
+                stream.write(f"depio: {line}\n")
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
     def _draw(self) -> None:
         width, height = self._size()
         lines = live_lines(self.tasks, name=self.name, elapsed=time.monotonic() - self.started, eta=self.eta(),
                            width=width, height=height - 1, paused=self.paused, note=self.note,
                            hide_successful=self.hide_successful, unicode=self.unicode, keys=self.keys,
-                           board=self.board)
+                           board=self.board, notices=self.notices)
         if self.clear_screen:
             prefix = HOME
         elif self._frame_lines:
@@ -297,6 +322,9 @@ class Display:
         report = failure_report(self.tasks, self.log_folder)
         if report:
             self._write(report + "\n")
+        for line in self._unsaid:          # those only the live view showed
+            self._write(f"depio: {line}\n")
+        self._unsaid = []
         if self.tty:
             logs = f" Task logs: {_rel(self.log_folder)}/" if self.log_folder and not report else ""
             self._write(f"Elapsed {hms(time.monotonic() - self.started)}.{logs}\n")
