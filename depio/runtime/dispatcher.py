@@ -11,6 +11,10 @@ never unpickles a task's payload; it only routes `TaskSpec`s to workers that ask
 - `depio.runtime.liveness`: one `Liveness` per worker and per remote client (Paranoid Pirate). A
   lost worker's tasks go back to their client as `TaskLost` (its scheduler decides about a retry).
 - `depio.runtime.assignment`: queues, fair share, credits, followers and the in-flight jobs.
+- `depio.runtime.clients`: the client side (`ClientDesk`): hello, submit and cancel, admin requests,
+  reports, heartbeats and goodbyes. The worker side is here, next to the loop that feeds it work.
+- `depio.runtime.guards`: a peer's message that cannot be taken (`refuse`); a pool left without
+  workers (`NoWorkerWatch`).
 
 A message a peer sends that cannot be taken (signed, but malformed: a `Submit` naming a function
 never sent) is that peer's error: it is refused and dropped, everyone else is served on. A bug in
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import threading
 import time
 import uuid
@@ -34,7 +37,8 @@ from . import limits
 from . import protocol as P
 from .assignment import Assignment, ClientInfo, Job, WorkerInfo, WorkerRegistry
 from .fairshare import fail_jobs
-from .guards import PeerGuards, check_int
+from .clients import ClientDesk
+from .guards import NoWorkerWatch, check_int, refuse
 from .inbox import DrivenLoop, LoopFailure, drain_pipe
 from .liveness import Liveness
 from .local_client import AttachLocal, LocalClient, StopLoop
@@ -46,7 +50,7 @@ __all__ = ["Dispatcher", "LocalClient", "LoopFailure", "WorkerInfo", "ClientInfo
 log = logging.getLogger("depio.dispatcher")
 
 
-class Dispatcher(PeerGuards, DrivenLoop):
+class Dispatcher(DrivenLoop):
     """See the module docstring. `start()` binds and runs the loop in a thread; `stop()` ends it."""
 
     def __init__(self, key: bytes, worker_address: str = "tcp://127.0.0.1:*",
@@ -77,13 +81,9 @@ class Dispatcher(PeerGuards, DrivenLoop):
         self._ready = threading.Event()     # bound: the addresses are known
         self._wake_r = self._wake_w = -1
         self._own_pipe = True
-        self.on_stop_request: Optional[Callable[[str], None]] = None   # a pool lets admins stop it
         self.on_workers_changed: Optional[Callable[[], None]] = None   # a pool's Slurm pilots follow it
-        # a pool: how long clients with queued tasks wait while no worker is registered and none is on
-        # its way (`workers_coming()` says which are, "" for none) before they are told and let go
-        self.no_worker_limit: Optional[float] = None
-        self.workers_coming: Callable[[], str] = lambda: ""
-        self._starved_since: Optional[float] = None
+        self.client_desk = ClientDesk(self.wire, self.assignment, self._send_workers, self.snapshot, heartbeat, liveness)
+        self.no_workers = NoWorkerWatch()
         self._local_inbox: Deque[Tuple[bytes, object]] = deque()
 
     @property
@@ -94,6 +94,34 @@ class Dispatcher(PeerGuards, DrivenLoop):
     def late_results(self) -> int:
         """Results of attempts given up on (worker declared lost, job cancelled)."""
         return self.assignment.late_results
+
+    # ------------------------------------------------------------ a pool's hooks (`depio.pool.service`)
+    @property
+    def on_stop_request(self) -> Optional[Callable[[str], None]]:
+        """Called with the reason when an admin asks to stop (None: refused, a pipeline's own)."""
+        return self.client_desk.on_stop_request
+
+    @on_stop_request.setter
+    def on_stop_request(self, hook: Optional[Callable[[str], None]]) -> None:
+        self.client_desk.on_stop_request = hook
+
+    @property
+    def no_worker_limit(self) -> Optional[float]:
+        """How long clients with queued tasks wait while no worker is registered or coming (None: for ever)."""
+        return self.no_workers.limit
+
+    @no_worker_limit.setter
+    def no_worker_limit(self, seconds: Optional[float]) -> None:
+        self.no_workers.limit = seconds
+
+    @property
+    def workers_coming(self) -> Callable[[], str]:
+        """Says which workers are on their way (starting, pilots queued), "" for none."""
+        return self.no_workers.workers_coming
+
+    @workers_coming.setter
+    def workers_coming(self, which: Callable[[], str]) -> None:
+        self.no_workers.workers_coming = which
 
     # ------------------------------------------------------------ life cycle
     def start(self, threaded: bool = True, wake_pipe: Optional[Tuple[int, int]] = None) -> "Dispatcher":
@@ -106,6 +134,7 @@ class Dispatcher(PeerGuards, DrivenLoop):
         self._poller = self.wire.bind(self.ctx, self._worker_address_requested,
                                       self.client_address if self.remote_clients else None, self._wake_r)
         self._wsock, self._csock = self.wire.workers, self.wire.clients
+        self.client_desk.sock = self._csock
         self.worker_address = self.wire.worker_address
         self.client_address = self.wire.client_address
         if threaded:
@@ -157,7 +186,7 @@ class Dispatcher(PeerGuards, DrivenLoop):
             if self._wsock in events:
                 self.wire.drain(self._wsock, "worker", self._on_worker_message, self._worker_error)
             if self._csock is not None and self._csock in events:
-                self.wire.drain(self._csock, "client", self._on_client_message, self._client_error)
+                self.wire.drain(self._csock, "client", self.client_desk.on_message, self.client_desk.on_error)
             if self._wake_r in events:
                 drain_pipe(self._wake_r)
             if self._local_inbox:
@@ -167,8 +196,7 @@ class Dispatcher(PeerGuards, DrivenLoop):
                 return False
             self._send_workers(self.assignment.assign())
             self._check_liveness()
-            for report in self.assignment.take_reports():
-                self._send_client(report.client, report.message())
+            self.client_desk.send_reports(self.assignment.take_reports())
             return True
         except Exception as e:   # a bug: stop, and let the clients (and whoever reads `failure`) know
             log.exception("dispatcher failed")
@@ -183,8 +211,7 @@ class Dispatcher(PeerGuards, DrivenLoop):
         try:
             for w in self.workers:
                 self._send_worker(w, P.Shutdown(reason))
-            for c in list(self.clients.values()):
-                self._send_client(c, P.Shutdown(reason))
+            self.client_desk.broadcast(P.Shutdown(reason))
         finally:
             self.wire.close()
             if self._own_pipe:
@@ -192,16 +219,16 @@ class Dispatcher(PeerGuards, DrivenLoop):
             self._stopped.set()
 
     def _drain_local(self) -> None:
+        desk = self.client_desk
         while self._local_inbox:
             identity, msg = self._local_inbox.popleft()
             if isinstance(msg, StopLoop):
                 self._stop_reason = msg.reason
                 return
             if isinstance(msg, AttachLocal):
-                c = self.assignment.add_client(identity, msg.name, platform.node(), os.getpid(), deliver=msg.deliver)
-                self._send_client(c, P.WorkersChanged(len(self.workers), self.workers.slots, "attached"))
+                desk.attach_local(identity, msg.name, msg.deliver)
             elif identity in self.clients:
-                self._on_client_message(identity, msg)
+                desk.on_message(identity, msg)
 
     # ------------------------------------------------------------ sending
     def _send_worker(self, w: WorkerInfo, msg: object) -> None:
@@ -216,12 +243,6 @@ class Dispatcher(PeerGuards, DrivenLoop):
                       lambda spec: limits.task_too_big(spec.name, e.size, e.limit))
         else:
             log.error("not sent to worker %s: %s", w.name, e)
-
-    def _send_client(self, c: ClientInfo, msg: object) -> None:
-        if c.deliver is not None:
-            c.deliver(msg)
-        elif self.wire.send(self._csock, c.identity, msg):
-            c.peer.sent(time.monotonic())
 
     def _send_workers(self, messages: Sequence[Tuple[WorkerInfo, object]]) -> None:
         for w, msg in messages:
@@ -253,6 +274,13 @@ class Dispatcher(PeerGuards, DrivenLoop):
             self._lose_worker(w, f"worker {w.name} (host {w.host}, pid {w.pid}) left: {msg.reason}")
         # Heartbeat: being heard is all it does
 
+    def _worker_error(self, identity: bytes, msg: object, err: Exception) -> None:
+        """A worker's signed message that cannot be taken: it is refused, and lost."""
+        reason = refuse(self.wire, self._wsock, identity, msg, err)
+        w = self.workers.get(identity)
+        if w is not None:
+            self._lose_worker(w, f"worker {w.name} (host {w.host}, pid {w.pid}) {reason}")
+
     def _register(self, identity: bytes, msg: P.Register) -> None:
         if not self.wire.admit(self._wsock, identity, msg.runtime,
                                f"worker {msg.worker_id} (host {msg.host}, pid {msg.pid})"):
@@ -282,61 +310,7 @@ class Dispatcher(PeerGuards, DrivenLoop):
                 self.on_workers_changed()
             except Exception:
                 log.exception("a worker-change hook failed")
-        msg = P.WorkersChanged(len(self.workers), self.workers.slots, reason)
-        for c in list(self.clients.values()):
-            self._send_client(c, msg)
-
-    # ------------------------------------------------------------ clients
-    def _on_client_message(self, identity: bytes, msg: object) -> None:
-        c = self.clients.get(identity)
-        if isinstance(msg, (P.StatusRequest, P.StopRequest)):
-            self._on_admin(identity, msg)
-            return
-        if isinstance(msg, P.ClientHello):
-            self._hello(identity, c, msg)
-            return
-        if c is None:
-            self.wire.send(self._csock, identity, P.Refused("unknown client: say hello first"))
-            return
-        if c.peer is not None:
-            c.peer.heard(time.monotonic())
-        if isinstance(msg, P.Submit):
-            c.functions.update(msg.functions)
-            self.wire.check_submit(msg, c.functions)
-            self._send_workers(self.assignment.queue(c, msg.tasks))
-        elif isinstance(msg, P.CancelTasks):
-            self._send_workers(self.assignment.cancel(c, None if msg.keys is None else set(msg.keys), msg.reason))
-        elif isinstance(msg, P.ClientBye):
-            self._drop_client(c, f"client {c.name} left: {msg.reason}")
-
-    def _hello(self, identity: bytes, c: Optional[ClientInfo], msg: P.ClientHello) -> None:
-        if c is None:
-            if not self.wire.admit(self._csock, identity, msg.runtime,
-                                   f"pipeline {msg.name} (host {msg.host}, pid {msg.pid})"):
-                return
-            c = self.assignment.add_client(identity, msg.name, msg.host, msg.pid,
-                                           peer=Liveness(self.heartbeat, self.liveness))
-            if msg.cwd:
-                c.context = (str(msg.cwd), tuple(map(str, msg.path)))
-            log.info("client %s (pid %d) connected", c.name, c.pid)
-        self._send_client(c, P.ClientWelcome(c.client_id, self.heartbeat, self.liveness, self.wire.max_message))
-        self._send_client(c, P.WorkersChanged(len(self.workers), self.workers.slots, "hello"))
-
-    def _on_admin(self, identity: bytes, msg: object) -> None:
-        if isinstance(msg, P.StatusRequest):
-            reply: object = P.StatusReply(self.snapshot())
-        elif self.on_stop_request is None:
-            reply = P.Refused("this dispatcher belongs to a pipeline; it stops with its run")
-        else:
-            self.on_stop_request(msg.reason or "stop requested")
-            reply = P.StatusReply(self.snapshot())
-        self.wire.send(self._csock, identity, reply)
-
-    def _drop_client(self, c: ClientInfo, reason: str) -> None:
-        self._send_workers(self.assignment.drop_client(c, reason))
-        if c.peer is not None:
-            self.wire.sessions.forget(c.identity)
-        log.info(reason)
+        self.client_desk.broadcast(P.WorkersChanged(len(self.workers), self.workers.slots, reason))
 
     # ------------------------------------------------------------ liveness
     def _check_liveness(self) -> None:
@@ -345,22 +319,16 @@ class Dispatcher(PeerGuards, DrivenLoop):
         if now < self._next_liveness_check:
             return
         self._next_liveness_check = now + self.heartbeat / 4
-        if self.no_worker_limit is not None:
-            self._check_starved(now)
+        starved = self.no_workers.overdue(now, len(self.workers), self.worker_address)
+        if starved is not None:
+            self.client_desk.let_go_waiting(starved)
         for w in self.workers:
             if w.peer.expired(now):
                 self._lose_worker(w, f"worker {w.name} (host {w.host}, pid {w.pid}) lost: no heartbeat for "
                                      f"{w.peer.silence(now):.1f} s (at {time.strftime('%H:%M:%S')})")
             elif w.peer.heartbeat_due(now):
                 self._send_worker(w, P.Heartbeat())
-        for c in list(self.clients.values()):
-            if c.peer is None:
-                continue          # in this process: it cannot go silent without the dispatcher
-            if c.peer.expired(now):
-                self._drop_client(c, f"client {c.name} (pid {c.pid}) lost: no heartbeat for "
-                                     f"{c.peer.silence(now):.1f} s")
-            elif c.peer.heartbeat_due(now):
-                self._send_client(c, P.Heartbeat())
+        self.client_desk.check_liveness(now)
 
     # ------------------------------------------------------------ status
     def snapshot(self) -> Dict[str, object]:
