@@ -88,6 +88,22 @@ def keep_runs(env: Optional[Mapping[str, str]] = None) -> int:
         return DEFAULT_KEEP
 
 
+def _use_wal(db: sqlite3.Connection, timeout: float) -> None:
+    """Switch to WAL (kept in the file: a no-op once done). SQLite does not call the busy handler for a
+    journal-mode change, so a second pipeline creating the file at the same moment gets "database is
+    locked" at once: wait for it here as for any other lock."""
+    deadline, pause = time.monotonic() + timeout, 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+
 class StateStore:
     """The database. Thread-safe (one connection, one lock); open one per process."""
 
@@ -98,7 +114,7 @@ class StateStore:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
         self._db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        self._set_wal(timeout)
+        _use_wal(self._db, timeout)
         self._db.execute("PRAGMA synchronous=NORMAL")     # WAL + NORMAL: durable transactions, no torn ones
         with self._write():
             for statement in _SCHEMA.split(";"):
@@ -106,21 +122,6 @@ class StateStore:
                     self._db.execute(statement)
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         self._run_nums: Dict[str, Tuple[int, float]] = {}      # run id -> (num, start)
-
-    def _set_wal(self, timeout: float) -> None:
-        """Switch to WAL (kept in the file: a no-op once done). SQLite does not call the busy handler
-        for a journal-mode change, so a second pipeline creating the file at the same moment gets
-        "database is locked" at once: wait for it here as for any other lock."""
-        deadline, pause = time.monotonic() + timeout, 0.005
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                return
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() + pause > deadline:
-                    raise
-                time.sleep(pause)
-                pause = min(pause * 2, 0.2)
 
     @classmethod
     def open_default(cls, env: Optional[Mapping[str, str]] = None) -> Optional["StateStore"]:
