@@ -14,6 +14,7 @@ from depio.runtime.protocol import TaskSpec
 from worker.connection import DispatcherConnection
 from worker.credits import Credits
 from worker.followers import Followers
+from worker.placement import Placement
 from worker.reports import START_REPORT_DELAY, Reports, failure
 
 
@@ -100,6 +101,18 @@ def test_a_start_waits_for_its_result_and_is_dropped_when_the_result_comes():
     assert [j for j, _ in report.started] == [2] and [j for j, _ in report.done] == [1]
     assert report.credits == 3 and report.returned == ((5, "why"),)
     assert r.started == [] and r.done == [] and r.next_due() is None
+
+
+# ---------------------------------------------------------------- a pool's placement
+
+def test_each_job_gets_its_pipelines_context_which_is_sent_only_once():
+    p = Placement()
+    tasks = [(1, spec(1)), (2, spec(2)), (3, spec(3))]
+    p.place(tasks, [(0, 7, "/a", ("x",)), (2, 8, "/b", ())])
+    assert p.of == {1: ("/a", ("x",)), 2: ("/a", ("x",)), 3: ("/b", ())}
+    p.clear()
+    p.place([(4, spec(4))], [(0, 7, "", ())])           # known: not sent again
+    assert p.of == {4: ("/a", ("x",))}
 
 
 # ---------------------------------------------------------------- the connection's decisions

@@ -2,8 +2,8 @@
 
 No user code runs in this process (tasks run in slot processes), so heartbeats keep flowing
 whatever a task does. Its parts: `connection` (the dispatcher), `credits` (how many tasks to ask
-for), `followers` (chains held here), `reports` (what goes back), `slot_set` (the slot processes,
-which a `forker` starts).
+for), `followers` (chains held here), `placement` (a pool's: whose job is which), `reports` (what
+goes back), `slot_set` (the slot processes, which a `forker` starts).
 The Worker reacts to what arrives and keeps the slots busy.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from depio.runtime.resources import local_offer
 from .connection import DispatcherConnection
 from .credits import Credits
 from .followers import Followers
+from .placement import Placement
 from .reports import Reports, failure
 from .slot_set import SlotSet
 from .slots import Slot
@@ -70,9 +71,7 @@ class Worker:
         self.reports = Reports()
         self.queue: Deque[Tuple[int, TaskSpec]] = deque()      # received, not yet in a slot
         self.functions: Dict[bytes, bytes] = {}
-        # a pool's worker: each pipeline's (working directory, import path), and which job is whose
-        self.contexts: Dict[int, tuple] = {}
-        self.placement: Dict[int, tuple] = {}
+        self.placement = Placement()
         self.last_busy = time.monotonic()
         self.dispatcher_gone = False
         self.stopping: Optional[str] = None
@@ -112,8 +111,9 @@ class Worker:
     def _on_message(self, msg: object) -> None:
         if isinstance(msg, P.RunTasks):
             self.functions.update(msg.functions)
-            if msg.places:
-                self._place(msg)
+            if msg.places:      # a pool's: whose job is which
+                self.placement.place(msg.tasks, msg.places)
+                self.slot_set.context_of = self.placement.of.get
             self.followers.active.update(jid for jid, _ in msg.tasks)
             if msg.after:
                 self.followers.take(msg.tasks, dict(msg.after), self.queue)
@@ -143,18 +143,6 @@ class Worker:
             if self.reports.done:     # results of jobs it gave up on: it counts and drops them
                 self.conn.send(P.WorkerReport((), tuple(self.reports.done)))
             self._reconnect()
-
-    def _place(self, msg: P.RunTasks) -> None:
-        """Note whose pipeline each task is (its tasks run in its working directory, with its path)."""
-        tasks, places = msg.tasks, msg.places
-        for i, (start, cid, cwd, path) in enumerate(places):
-            if cwd:
-                self.contexts[cid] = (cwd, tuple(path))
-            context = self.contexts.get(cid)
-            end = places[i + 1][0] if i + 1 < len(places) else len(tasks)
-            for jid, _ in tasks[start:end]:
-                self.placement[jid] = context
-        self.slot_set.context_of = self.placement.get
 
     def _cancel(self, jids: set) -> None:
         self.followers.cancel(jids)
@@ -346,7 +334,7 @@ class Worker:
             self.stopping = "the process that started this worker is gone"
         if self._held():
             self.last_busy = now
-        elif self.placement and not self.followers.held:
+        elif self.placement.of and not self.followers.held:
             self.placement.clear()        # nothing is held: no job's pipeline is needed any more
         elif self.idle_timeout is not None and now - self.last_busy > self.idle_timeout:
             self.stopping = f"idle for {self.idle_timeout:g} s"
