@@ -2,9 +2,12 @@
 and running one task spec (`run_spec`)."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
+import signal
 import time
 from collections import deque
+from types import SimpleNamespace
 
 import cloudpickle
 
@@ -14,6 +17,7 @@ from depio.runtime.protocol import TaskSpec
 from worker.connection import DispatcherConnection
 from worker.credits import Credits
 from worker.followers import Followers
+from worker.outcomes import SlotOutcomes
 from worker.placement import Placement
 from worker.reports import START_REPORT_DELAY, Reports, failure
 
@@ -101,6 +105,59 @@ def test_a_start_waits_for_its_result_and_is_dropped_when_the_result_comes():
     assert [j for j, _ in report.started] == [2] and [j for j, _ in report.done] == [1]
     assert report.credits == 3 and report.returned == ((5, "why"),)
     assert r.started == [] and r.done == [] and r.next_due() is None
+
+
+# ---------------------------------------------------------------- what slots' results mean
+
+def fake_slot(*jids: int, conditional=(), ignored=(), exitcode=None) -> SimpleNamespace:
+    return SimpleNamespace(assigned=deque((j, spec(j)) for j in jids), conditional=set(conditional),
+                           ignored=set(ignored), last_ok=False, head_started=0.0,
+                           process=SimpleNamespace(exitcode=exitcode))
+
+
+def outcomes() -> SlotOutcomes:
+    return SlotOutcomes(Followers(), Reports(), Credits(1), "w")
+
+
+def ok(jid: int, seconds: float = 0.5) -> P.TaskResult:
+    return P.TaskResult(jid, 1, 100.0, 100.0 + seconds)
+
+
+def test_a_result_is_reported_releases_its_followers_and_the_next_task_starts():
+    o, queue = outcomes(), deque()
+    o.followers.active.update([1, 2, 3])
+    o.followers.take([(3, spec(3))], {3: 1}, queue)
+    slot = fake_slot(1, 2)
+    o.results(slot, [(1, ok(1, 2.0))], queue)
+    assert [j for j, _ in o.reports.done] == [1] and [j for j, _ in queue] == [3]
+    assert slot.last_ok and [j for j, _ in slot.assigned] == [2]
+    assert [j for j, _ in o.reports.started] == [2] and o.credits.avg_duration == 2.0
+
+
+def test_a_cancelled_jobs_result_is_not_reported_and_a_skipped_follower_goes_back():
+    o = outcomes()
+    slot = fake_slot(1, 2, conditional=[2], ignored=[1])
+    failed = dataclasses.replace(ok(1), error={"kind": "TaskError"})
+    o.results(slot, [(1, failed)], deque())
+    assert o.reports.done == [] and slot.ignored == set()
+    assert o.reports.started == []          # the follower is about to be skipped: no start
+    o.results(slot, [(2, None)], deque())
+    assert o.followers.take_returned() == [(2, "its predecessor did not succeed")]
+    assert not slot.assigned and not slot.conditional
+
+
+def test_a_dead_slot_or_a_timeout_fails_the_running_task_and_hands_back_its_followers():
+    o, queue = outcomes(), deque()
+    o.followers.active.update([1, 2, 3])
+    o.followers.take([(2, spec(2))], {2: 1}, queue)
+    assert o.crashed(fake_slot(1, exitcode=-signal.SIGKILL)) == f"killed by signal {int(signal.SIGKILL)}"
+    assert o.followers.take_returned() == [(2, "its predecessor did not succeed")]
+    assert o.crashed(fake_slot(exitcode=1)) == "exit code 1"      # idle: nothing to report
+    slot = fake_slot()
+    slot.assigned.append((3, dataclasses.replace(spec(3), timeout=2.0)))
+    o.timed_out(slot)
+    assert [(j, r.error["kind"]) for j, r in o.reports.done] == [(1, "WorkerCrash"), (3, "TimeoutError")]
+    assert "timed out after 2 s" in o.reports.done[1][1].error["message"]
 
 
 # ---------------------------------------------------------------- a pool's placement

@@ -1,8 +1,8 @@
 """The worker's slots as a set: starting them (as `slot_context` decides), handing them tasks,
 replacing one that must go, reaping those on their way out, and stopping them all.
 
-What a slot's results mean (reports, followers, credits) is the worker's business; this is only
-the processes and the tasks handed to them.
+What a slot's results mean (reports, followers, credits) is `outcomes`'; this is only the
+processes and the tasks handed to them.
 """
 from __future__ import annotations
 

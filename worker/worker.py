@@ -3,7 +3,8 @@
 No user code runs in this process (tasks run in slot processes), so heartbeats keep flowing
 whatever a task does. Its parts: `connection` (the dispatcher), `credits` (how many tasks to ask
 for), `followers` (chains held here), `placement` (a pool's: whose job is which), `reports` (what
-goes back), `slot_set` (the slot processes, which a `forker` starts).
+goes back), `slot_set` (the slot processes, which a `forker` starts) and `outcomes` (what their
+results mean).
 The Worker reacts to what arrives and keeps the slots busy.
 """
 from __future__ import annotations
@@ -27,8 +28,9 @@ from depio.runtime.resources import local_offer
 from .connection import DispatcherConnection
 from .credits import Credits
 from .followers import Followers
+from .outcomes import SlotOutcomes
 from .placement import Placement
-from .reports import Reports, failure
+from .reports import Reports
 from .slot_set import SlotSet
 from .slots import Slot
 
@@ -69,6 +71,7 @@ class Worker:
         self.credits = Credits(self.nslots)
         self.followers = Followers()
         self.reports = Reports()
+        self.outcomes = SlotOutcomes(self.followers, self.reports, self.credits, self.name)
         self.queue: Deque[Tuple[int, TaskSpec]] = deque()      # received, not yet in a slot
         self.functions: Dict[bytes, bytes] = {}
         self.placement = Placement()
@@ -200,56 +203,18 @@ class Worker:
         except (EOFError, OSError):
             self._slot_died(slot)
             return
-        if not results:
-            return
-        followers, queue = self.followers, self.queue
-        for jid, result in results:
-            if not slot.assigned or slot.assigned[0][0] != jid:
-                continue
-            slot.assigned.popleft()
-            if slot.conditional:
-                slot.conditional.discard(jid)
-            if result is None:            # a conditional task whose predecessor did not succeed
-                slot.last_ok = False
-                if jid in slot.ignored:
-                    slot.ignored.discard(jid)
-                else:
-                    followers.give_back(jid, "its predecessor did not succeed")
-                continue
-            slot.last_ok = ok = result.error is None
-            if jid in slot.ignored:
-                slot.ignored.discard(jid)
-            else:
-                self.reports.done.append((jid, result))
-                followers.ended(jid, ok, queue)
-            self.credits.record(result.ended - result.started)
-        now = time.time()
-        slot.head_started = now
-        if slot.assigned:
-            head = slot.assigned[0][0]
-            if slot.last_ok or head not in slot.conditional:    # not one the slot is about to skip
-                self.reports.start(head, now)
+        if results:
+            self.outcomes.results(slot, results, self.queue)
 
     def _slot_died(self, slot: Slot) -> None:
         slot.process.join(1)
-        code = slot.process.exitcode
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        if slot.assigned:
-            jid, spec = slot.assigned[0]
-            msg = f"the task's process ended abruptly ({how}) on worker {self.name}"
-            self.reports.done.append((jid, failure(spec, slot.head_started, "WorkerCrash", "ProcessDied",
-                                                   msg, msg, self.name)))
-            self.followers.ended(jid, False)
+        how = self.outcomes.crashed(slot)
         log.warning("slot %d died (%s)", slot.index, how)
         self._replace_slot(slot, why=f"its predecessor's process ended abruptly ({how})")
 
     def _check_timeouts(self) -> None:
         for slot in self.slot_set.timed_out(time.time()):
-            jid, spec = slot.assigned[0]
-            msg = f"timed out after {spec.timeout:g} s"
-            self.reports.done.append((jid, failure(spec, slot.head_started, "TimeoutError", "TimeoutError",
-                                                   f"Task {spec.name}: {msg}", msg, self.name)))
-            self.followers.ended(jid, False)
+            self.outcomes.timed_out(slot)
             self._replace_slot(slot, why="its predecessor timed out")
 
     # ------------------------------------------------------------ the loop
