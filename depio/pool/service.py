@@ -41,7 +41,8 @@ class PoolService:
                  key_file: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
                  client_port: Optional[int] = None, worker_port: Optional[int] = None,
                  slurm: int = 0, slurm_slots: int = 1, slurm_time: float = 60.0,
-                 slurm_parameters: Optional[Dict[str, Any]] = None, no_worker_limit: float = NO_WORKER_LIMIT):
+                 slurm_parameters: Optional[Dict[str, Any]] = None, no_worker_limit: float = NO_WORKER_LIMIT,
+                 slurm_shaped_idle: Optional[float] = None):
         self.name = name
         self.host = host
         self.local = local
@@ -50,6 +51,7 @@ class PoolService:
         self.slurm_slots = slurm_slots
         self.slurm_time = slurm_time
         self.slurm_parameters = dict(slurm_parameters or {})
+        self.slurm_shaped_idle = slurm_shaped_idle      # None: the launcher's default (SHAPED_IDLE)
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.no_worker_limit = no_worker_limit
@@ -106,9 +108,10 @@ class PoolService:
             launchers.append(launcher)
         if self.slurm > 0:
             from ..slurm import pool_pilots
+            extra = {} if self.slurm_shaped_idle is None else {"shaped_idle": self.slurm_shaped_idle}
             launchers.append(pool_pilots(dispatcher, self.key, self.slurm, self.slurm_slots, self.slurm_time,
                                          self.slurm_parameters, pools_dir() / f"{self.name}-slurm",
-                                         self.heartbeat, max(self.liveness, 5)))
+                                         self.heartbeat, max(self.liveness, 5), **extra))
         dispatcher.workers_coming = lambda: workers_coming(launchers)
 
     def run(self) -> int:

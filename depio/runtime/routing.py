@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .protocol import TaskSpec
 from .resources import PIN, fits, from_shape
@@ -101,3 +101,18 @@ class Routing:
     def waiting(self) -> Dict[tuple, int]:
         """How many held tasks wait, by shape (a pilot launcher sizes its groups by this)."""
         return {shape: len(q) for shape, q in self.held.items()}
+
+    def work(self) -> Dict[tuple, Tuple[int, int]]:
+        """By shape: (tasks held here or on a worker and not ended, how many of them not started).
+        Read-only; a pool's pilot launcher reads it from another thread (it may raise RuntimeError
+        if a dict changes meanwhile: read again)."""
+        out: Dict[tuple, List[int]] = {}
+        for shape, q in list(self.held.items()):
+            out[shape] = [len(q), len(q)]
+        for job in list(self.a.jobs.values()):
+            shape = job.spec.shape
+            if shape is not None and shape[0] != PIN:
+                n = out.setdefault(shape, [0, 0])
+                n[0] += 1
+                n[1] += not job.started
+        return {shape: (n[0], n[1]) for shape, n in out.items()}

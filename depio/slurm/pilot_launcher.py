@@ -99,6 +99,8 @@ class SlurmPilotLauncher:
         self.min_workers, self.max_workers = min_workers, max_workers
         self.walltime_min, self.margin = walltime_min, margin
         self.idle_timeout = idle_timeout
+        self.group_idle_timeout = idle_timeout    # a shape group's pilots (a pool keeps its base ones)
+        self.poll_interval: Optional[float] = None    # a pool: rebalance this often (no one pokes it)
         self.heartbeat, self.liveness = heartbeat, liveness
         self.max_failures = max_failures
         self.failures = 0            # pilots that ended without ever connecting
@@ -220,6 +222,8 @@ class SlurmPilotLauncher:
         while True:
             due = self._periodic_due()
             timeout = None if due is None else max(0.0, due - time.monotonic())
+            if self.poll_interval is not None:
+                timeout = self.poll_interval if timeout is None else min(timeout, self.poll_interval)
             try:
                 kind, arg = self.io.get(timeout=timeout)
             except queue.Empty:
@@ -256,7 +260,7 @@ class SlurmPilotLauncher:
         params.setdefault("signal_delay_s", max(1, int(round(min(self.margin, walltime_s / 2)))))
         args = dict(address=self.address, key_file=str(self.key_file), slots=g.slots, walltime_s=walltime_s,
                     margin=self.margin, heartbeat=self.heartbeat, liveness=self.liveness,
-                    idle_timeout=self.idle_timeout, warning_s=float(params["signal_delay_s"]), constraint=g.constraint)
+                    idle_timeout=self.idle_timeout if key is None else self.group_idle_timeout, warning_s=float(params["signal_delay_s"]), constraint=g.constraint)
         wait = self.pacer.due(0.0, n, 0) - time.monotonic()
         if wait > 0:
             time.sleep(wait)             # this thread's own pace: one sbatch per second at most
@@ -281,7 +285,8 @@ class SlurmPilotLauncher:
         with self.lock:
             for job in jobs:
                 self.pilots[str(job.job_id)] = _Pilot(str(job.job_id), key, job)
-        log.info("submitted %d pilot job(s): %s", n, ", ".join(str(j.job_id) for j in jobs))
+        log.info("submitted %d pilot job(s)%s: %s", n, "" if key is None else f" for tasks asking "
+                 f"{from_shape(key).describe()}", ", ".join(str(j.job_id) for j in jobs))
 
     def _may_launch(self) -> bool:
         return not self.broken and self.failures < self.max_failures

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pykka
 
 from ..runtime import protocol as P
 from ..runtime.backends import Backend, DispatcherBackend
 from ..runtime.events import SlurmState
+from ..runtime.resources import from_shape
 from ..executor_base import AbstractTaskExecutor
 from .addresses import bind_address
 from .cluster import notice
@@ -33,7 +35,7 @@ class SlurmPilotBackend(DispatcherBackend):
                  key: Optional[bytes] = None):
         super().__init__(launcher=launcher, bind=bind, key=key, heartbeat=heartbeat, liveness=liveness)
         launcher.backend = self
-        launcher.notice = notice
+        launcher.notice = self.notice
         self._flight: Dict[Tuple[int, int], list] = {}     # (key, attempt) -> [started, pilot group]
         self._flock = threading.Lock()
         self.base_needed = True
@@ -156,43 +158,90 @@ class SlurmPilotExecutor(AbstractTaskExecutor):
         launcher = SlurmPilotLauncher(self.workers, self.slots, params, self.folder, self.min_workers,
                                       self.max_workers, self.walltime, self.margin, self.idle_timeout,
                                       self.heartbeat, self.liveness, self.max_failures, self.internal_executor)
-        if self.default_partition and launcher.cluster.missing_default_partition(str(params.get("partition", ""))):
+        said: List[str] = []
+        if self.default_partition and launcher.cluster.missing_default_partition(str(params.get("partition", "")),
+                                                                                 said.append):
             params.pop("partition", None)
             launcher.groups[None].params.pop("partition", None)
         # a configured key wins; else a fresh one for this run (the pilots read it from a mode-600 file)
         key = P.load_key(self.key_file) or P.new_key()
-        return SlurmPilotBackend(launcher, bind_address(self.address), self.heartbeat, self.liveness, key=key)
+        backend = SlurmPilotBackend(launcher, bind_address(self.address), self.heartbeat, self.liveness, key=key)
+        for line in said:
+            backend.notice(line)
+        return backend
 
     def describe(self) -> str:
         return f"SlurmPilotExecutor({self.workers} pilots x {self.slots} slots)"
 
 
 class _PoolView:
-    """What a pilot launcher asks of its backend, answered for a pool: there is always work to be
-    ready for, so the launcher keeps its pilots (and replaces those that reach their walltime)."""
+    """What a pilot launcher asks of its backend, answered for a pool. The base group always has
+    work to be ready for, so the launcher keeps its pilots (and replaces those that reach their
+    walltime). Tasks that ask for more than the base pilots hold wait in the dispatcher's routing,
+    by shape: each shape's count becomes the work of its own pilot group, which the launcher starts
+    while it has work and lets go when it has none. A shape no node of the cluster could ever hold
+    gets no group (its sbatch would fail and stop every launch); the pool says so once."""
 
-    def __init__(self, dispatcher):
+    def __init__(self, dispatcher, launcher: SlurmPilotLauncher):
         self.dispatcher = dispatcher
+        self.launcher = launcher
+        self.refused: Dict[tuple, str] = {}      # shapes too big for any node, and why
+
+    def _read(self, read):
+        """Read the dispatcher's state from this thread: it runs in another one, without locks."""
+        for _ in range(5):
+            try:
+                return read()
+            except RuntimeError:     # a dict or deque changed while it was read
+                time.sleep(0.01)
+        return None
 
     def work(self) -> Dict[GroupKey, Tuple[int, int]]:
-        try:
-            waiting = sum(c["queued"] for c in self.dispatcher.snapshot()["clients"])
-        except RuntimeError:       # read without a lock while it changed
-            waiting = 0
-        return {None: (max(1, waiting), waiting)}
+        snap = self._read(self.dispatcher.snapshot)
+        waiting = sum(c["queued"] for c in snap["clients"]) if snap else 0
+        out: Dict[GroupKey, list] = {None: [max(1, waiting), waiting]}
+        shaped = self._read(self.dispatcher.assignment.routing.work) or {}
+        for shape, (flight, queued) in shaped.items():
+            group = self._group(shape)
+            if group is not False:
+                n = out.setdefault(group, [0, 0])
+                n[0] += flight
+                n[1] += queued
+        return {g: (n[0], n[1]) for g, n in out.items()}
+
+    def _group(self, shape: tuple):
+        """The pilot group for tasks of `shape`; False if no node could ever run them."""
+        if shape in self.refused:
+            return False
+        why = self.launcher.too_big(from_shape(shape))
+        if why:
+            self.refused[shape] = why
+            self.launcher.notice(f"pool: no pilot can be started for tasks that {why}; they wait until a "
+                                 f"worker that fits joins the pool")
+            return False
+        return self.launcher.group_for(shape)
+
+
+SHAPED_IDLE = 60.0      # seconds a pool's pilot of a shape group stays without work (as the executor's)
 
 
 def pool_pilots(dispatcher, key: bytes, workers: int, slots: int = 1, walltime: float = 60.0,
                 parameters: Optional[Dict[str, Any]] = None, folder=None, heartbeat: float = 1.0,
-                liveness: int = 5) -> SlurmPilotLauncher:
-    """Start and keep `workers` pilot jobs for a `depio pool` (`depio pool start --slurm N`)."""
+                liveness: int = 5, shaped_idle: float = SHAPED_IDLE, poll: float = 2.0) -> SlurmPilotLauncher:
+    """Start and keep `workers` pilot jobs for a `depio pool` (`depio pool start --slurm N`), and a
+    group of pilots for each resource shape its pipelines' tasks ask for while such tasks wait or
+    run (pilots of a group leave after `shaped_idle` s without work). Nothing pokes a pool's
+    launcher when a task arrives: it looks every `poll` seconds."""
     params = sbatch_parameters(dict(parameters or {}))
     params["time"] = max(1, int(-(-_minutes(walltime) // 1)))      # whole minutes, as sbatch wants
     params.setdefault("cpus_per_task", slots)
     margin = min(60.0, max(5.0, 0.05 * _minutes(walltime) * 60))
     launcher = SlurmPilotLauncher(workers, slots, params, Path(folder or "slurm"), workers, workers,
                                   _minutes(walltime), margin, None, heartbeat, liveness, workers + 2)
-    launcher.backend = _PoolView(dispatcher)      # type: ignore[assignment]
+    launcher.group_idle_timeout = shaped_idle
+    launcher.poll_interval = poll
+    launcher.notice = notice
+    launcher.backend = _PoolView(dispatcher, launcher)      # type: ignore[assignment]
     dispatcher.on_workers_changed = launcher.workers_changed
     launcher.start(dispatcher.worker_address, key)
     return launcher

@@ -1,0 +1,134 @@
+"""A Slurm pool follows its pipelines' request shapes (issue 15): a GPU task sent to a pool whose
+pilots hold no GPU gets a pilot group of its own shape, runs there with its GPU, and that group
+leaves when it has no work; CPU tasks stay on the base pilots. Real pool, pilots and pipeline on the
+local Slurm (best with LOCAL_SLURM_CPUS=4 LOCAL_SLURM_GPUS=2)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, wait_for
+
+pytestmark = pytest.mark.slurm
+
+SHAPED_IDLE = 8.0       # the GPU pilots' idle timeout in this pool: short, so the test sees them go
+
+
+def _env(home: Path) -> dict:
+    e = dict(os.environ, PYTHONPATH=str(ROOT), DEPIO_HOME=str(home))
+    for name in ("DEPIO_POOL", "DEPIO_KEY", "SBATCH_PARTITION"):
+        e.pop(name, None)
+    return e
+
+
+def _jobs_of(folder: Path) -> list:
+    """The pilot jobs this pool submitted: one submission script per sbatch call."""
+    return sorted(p.name.split("_")[0] for p in folder.glob("*_submission.sh")) if folder.exists() else []
+
+
+def _in_squeue(jobs: list) -> str:
+    if not jobs:
+        return ""
+    r = subprocess.run(["squeue", "-h", "-j", ",".join(jobs), "-t", "pending,running,completing,configuring",
+                        "-o", "%i %T"], capture_output=True, text=True, timeout=30)
+    return r.stdout.strip()
+
+
+def _status(home: Path, name: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "depio.cli", "pool", "status", "--name", name, "--json"],
+                       capture_output=True, text=True, timeout=30, env=_env(home), stdin=subprocess.DEVNULL)
+    return json.loads(r.stdout) if r.returncode == 0 else {"workers": []}
+
+
+@pytest.fixture
+def gpu_cluster(slurm_cluster):
+    gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=10).stdout
+    if "gpu:" not in gres:
+        pytest.skip("the local Slurm has no (fake) GPUs: LOCAL_SLURM_GPUS=2 bash scripts/local-slurm.sh up")
+    return slurm_cluster
+
+
+@pytest.mark.timeout(240)
+def test_a_gpu_task_on_a_cpu_slurm_pool_gets_a_gpu_pilot_that_leaves_when_idle(gpu_cluster, tmp_path):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    folder = home / "pools" / "g-slurm"
+    log = open(tmp_path / "pool.out", "wb")
+    pool = subprocess.Popen(
+        [sys.executable, "-c", "import logging, sys; logging.basicConfig(level=logging.INFO); "
+         "from depio.pool.service import serve; "
+         f"sys.exit(serve('g', slurm=1, slurm_time=5, heartbeat=1.0, slurm_shaped_idle={SHAPED_IDLE}))"],
+        cwd=tmp_path, env=_env(home), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(_status(home, "g")["workers"]) >= 1 or pool.poll() is not None, 90,
+                 "the pool's CPU pilot to join")
+        assert pool.poll() is None, (tmp_path / "pool.out").read_text()
+        script = work / "p.py"
+        script.write_text(textwrap.dedent("""
+            import os, sys, time
+            from depio import Pipeline, Task
+            from depio.decorators import task
+            from depio.pool import PoolExecutor
+
+            def where():
+                return os.environ.get("SLURM_JOB_ID", ""), os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+            @task("train", slurm_gpus_per_task=1)
+            def train():
+                time.sleep(1)
+                return where()
+
+            @task("prep")
+            def prep(i):
+                return where()
+
+            p = Pipeline(PoolExecutor("g"), quiet=True)
+            tasks = [p.add_task(train())] + [p.add_task(prep(i)) for i in range(3)]
+            code = p.run()
+            for t in tasks:
+                print("RAN", t.name, *(t.result or ("", "")))
+            sys.exit(code)
+        """))
+        r = subprocess.run([sys.executable, str(script)], cwd=work, env=_env(home), capture_output=True,
+                           text=True, timeout=150, stdin=subprocess.DEVNULL)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out + (tmp_path / "pool.out").read_text()
+        rows = [(x.split() + ["", "", ""])[1:4] for x in out.splitlines() if x.startswith("RAN")]
+        gpu = [x for x in rows if x[0] == "train"]
+        cpu = [x for x in rows if x[0] == "prep"]
+        assert len(gpu) == 1 and len(cpu) == 3, out
+        gpu_job, gpu_devices = gpu[0][1], gpu[0][2]
+        assert gpu_job and gpu_devices, out                         # a pilot that holds a GPU, and sees it
+        cpu_jobs = {x[1] for x in cpu}
+        assert all(cpu_jobs) and gpu_job not in cpu_jobs and not any(x[2] for x in cpu), out
+        jobs = _jobs_of(folder)
+        assert len(jobs) == 2, jobs                # two sbatch calls: the CPU pilot, then the GPU group
+        assert gpu_job.split("_")[0] in jobs and {j.split("_")[0] for j in cpu_jobs} <= set(jobs), (jobs, rows)
+        show = subprocess.run(["scontrol", "-o", "show", "job", gpu_job], capture_output=True, text=True,
+                              timeout=30).stdout
+        assert "gpu" in show, show
+        # the GPU group has no more work: its pilot leaves; the pool keeps its CPU pilot
+        wait_for(lambda: gpu_job not in _in_squeue(jobs), SHAPED_IDLE + 60, "the idle GPU pilot to leave")
+        assert pool.poll() is None and _in_squeue(sorted(cpu_jobs)), _in_squeue(jobs)
+    finally:
+        if pool.poll() is None:
+            subprocess.run([sys.executable, "-m", "depio.cli", "pool", "stop", "--name", "g"], env=_env(home),
+                           capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+            try:
+                pool.wait(60)
+            except subprocess.TimeoutExpired:
+                pool.kill()
+                pool.wait()
+        log.close()
+        left = _in_squeue(_jobs_of(folder))
+        if left:
+            subprocess.run(["scancel"] + _jobs_of(folder), capture_output=True, timeout=30)
+    assert pool.returncode == 0, (tmp_path / "pool.out").read_text()
+    assert not left, f"pilot jobs still in Slurm after the pool stopped: {left}"
