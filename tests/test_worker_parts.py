@@ -1,5 +1,6 @@
-"""The worker's parts on their own: credits, followers, reports, the connection's liveness decisions,
-and running one task spec (`run_spec`)."""
+"""The worker's parts on their own: credits, followers, reports, what slots' results mean, a pool's
+placement, the connection's liveness decisions, the registration, and running one task spec
+(`run_spec`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ from worker.credits import Credits
 from worker.followers import Followers
 from worker.outcomes import SlotOutcomes
 from worker.placement import Placement
+from worker.registration import Registration
 from worker.reports import START_REPORT_DELAY, Reports, failure
 
 
@@ -205,6 +207,46 @@ def test_terminate_leaves_no_context_and_open_makes_a_new_one():
     c.open(P.Register("w", "h", 1, 1))
     assert c.ctx is not None and c.ctx is not first
     c.terminate()
+
+
+# ---------------------------------------------------------------- the registration
+
+class RecordingConnection:
+    """What `Registration` asks of the connection, in order."""
+    address = "tcp://127.0.0.1:1"
+
+    def __init__(self, reconnect: bool = False) -> None:
+        self.calls, self.reconnect, self.silent_since = [], reconnect, None
+
+    def open(self, hello): self.calls.append(("open", hello))
+    def terminate(self): self.calls.append(("terminate",))
+    def send(self, msg): self.calls.append(("send", msg))
+    def may_reconnect(self, waited: float = 0.0): return self.reconnect
+    def goodbye(self, reason, dispatcher_gone): self.calls.append(("goodbye", reason, dispatcher_gone))
+
+
+def registration(conn: RecordingConnection) -> Registration:
+    return Registration(conn, lambda: "hello", lambda: conn.calls.append(("forget",)), 1)
+
+
+def test_a_reregister_sends_the_unreported_results_then_forgets_the_jobs_between_two_contexts():
+    conn = RecordingConnection()
+    result = ok(1)
+    assert registration(conn).on_message(P.Reregister("lost"), [(1, result)]) is None
+    assert conn.calls == [("send", P.WorkerReport((), ((1, result),))), ("terminate",), ("forget",),
+                          ("open", "hello")]
+
+
+def test_a_shutdown_stops_without_a_goodbye_unless_reconnecting_and_a_refusal_exits_3():
+    conn = RecordingConnection()
+    r = registration(conn)
+    assert r.on_message(P.Refused("no"), []) == (f"refused by the dispatcher at {conn.address}: no", 3)
+    assert r.on_message(P.Shutdown("pool stopped"), []) == ("pool stopped", 0)
+    r.goodbye("pool stopped")
+    assert conn.calls == [("goodbye", "pool stopped", True)]
+    waiting = RecordingConnection(reconnect=True)
+    assert registration(waiting).on_message(P.Shutdown("restart"), []) is None
+    assert waiting.calls == [("terminate",), ("forget",), ("open", "hello")] and waiting.silent_since
 
 
 # ---------------------------------------------------------------- running one spec

@@ -120,6 +120,11 @@ class DispatcherConnection:
         if msg.max_message:
             self.max_message = msg.max_message
 
+    def heartbeat(self, now: float) -> None:
+        """Send a heartbeat if one is due (registered only: before that, the hello is retried)."""
+        if self.registered and self.liveness.heartbeat_due(now):
+            self.send(P.Heartbeat())
+
     def check_suspended(self, overslept: float) -> None:
         """A poll that returned far later than asked means this process was stopped (SIGSTOP, a frozen VM)
         or starved, not that the dispatcher went silent: give it a fresh window to answer. If it

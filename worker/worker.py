@@ -1,11 +1,11 @@
 """The worker's event loop: one thread, one ZeroMQ DEALER socket, the slot sockets.
 
 No user code runs in this process (tasks run in slot processes), so heartbeats keep flowing
-whatever a task does. Its parts: `connection` (the dispatcher), `credits` (how many tasks to ask
-for), `followers` (chains held here), `placement` (a pool's: whose job is which), `reports` (what
-goes back), `slot_set` (the slot processes, which a `forker` starts) and `outcomes` (what their
-results mean).
-The Worker reacts to what arrives and keeps the slots busy.
+whatever a task does. Its parts: `connection` (the dispatcher's socket) and `registration` (standing
+with it), `credits` (how many tasks to ask for), `followers` (chains held here), `placement` (a
+pool's: whose job is which), `reports` (what goes back), `slot_set` (the slot processes, which a
+`forker` starts) and `outcomes` (what their results mean).
+The Worker runs the loop: it hands what arrives to its parts and keeps the slots busy.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections import deque
+from functools import partial
 from typing import Deque, Dict, List, Optional, Tuple
 
 import zmq
@@ -30,6 +31,7 @@ from .credits import Credits
 from .followers import Followers
 from .outcomes import SlotOutcomes
 from .placement import Placement
+from .registration import Registration, Stop
 from .reports import Reports
 from .slot_set import SlotSet
 from .slots import Slot
@@ -68,6 +70,7 @@ class Worker:
         self.slot_set = SlotSet(self.name, kill_grace)
         self.slots: List[Slot] = self.slot_set.live
         self.conn = DispatcherConnection(address, key, heartbeat, liveness, reconnect)
+        self.registration = Registration(self.conn, partial(register_message, self), self._forget_jobs, self.nslots)
         self.credits = Credits(self.nslots)
         self.followers = Followers()
         self.reports = Reports()
@@ -76,7 +79,6 @@ class Worker:
         self.functions: Dict[bytes, bytes] = {}
         self.placement = Placement()
         self.last_busy = time.monotonic()
-        self.dispatcher_gone = False
         self.stopping: Optional[str] = None
         self.exit_code = 0
         # a signal handler only sets `stopping`; this pipe (signal.set_wakeup_fd) wakes the loop
@@ -89,17 +91,10 @@ class Worker:
         return self.credits.avg_duration
 
     # ------------------------------------------------------------ the dispatcher
-    def _connect(self) -> None:
-        self.conn.open(register_message(self))
-        self.slot_set.changed = True      # the poller must watch the new socket
-        self.credits.open = 0
-
-    def _reconnect(self) -> None:
-        """Register afresh, as a new worker. The dispatcher forgot us (lost or restarted) and gave our
-        jobs back to their pipelines: stop those running (SIGTERM, SIGKILL after the grace period).
-        The old ZeroMQ context ends first, so that the new slots' forker is forked from a process
-        running no ZeroMQ thread."""
-        self.conn.terminate()
+    def _forget_jobs(self) -> None:
+        """About to register afresh (`Registration.reconnect`, between the old ZeroMQ context and the new
+        one): the dispatcher forgot us (lost or restarted) and gave our jobs back to their pipelines,
+        so stop those running (SIGTERM, SIGKILL after the grace period) and drop the rest."""
         self.slot_set.renew_starter()
         self.queue.clear()
         for slot in list(self.slots):
@@ -109,7 +104,8 @@ class Worker:
         self.reports.clear()
         self.followers.clear()
         self.placement.clear()
-        self._connect()
+        self.slot_set.changed = True      # the poller must watch the new socket
+        self.credits.open = 0
 
     def _on_message(self, msg: object) -> None:
         if isinstance(msg, P.RunTasks):
@@ -126,26 +122,12 @@ class Worker:
             self.last_busy = time.monotonic()
         elif isinstance(msg, P.CancelJobs):
             self._cancel(set(msg.jids))
-        elif isinstance(msg, P.Welcome):
-            self.conn.welcomed(msg)
-            log.info("registered with %s (%d slots)", self.conn.address, self.nslots)
-        elif isinstance(msg, P.Refused):
-            log.error("refused by the dispatcher at %s: %s", self.conn.address, msg.reason)
-            self.stopping, self.exit_code = f"refused by the dispatcher at {self.conn.address}: {msg.reason}", 3
-        elif isinstance(msg, P.Shutdown):
-            if self.conn.may_reconnect():     # a pool restarting: wait for it at the same address
-                log.warning("dispatcher at %s shut down (%s): waiting to register again", self.conn.address,
-                            msg.reason)
-                self.conn.silent_since = time.monotonic()
-                self._reconnect()
-            else:
-                self.stopping = msg.reason or "dispatcher asked to shut down"
-                self.dispatcher_gone = True     # no Goodbye: nobody would read it
-        elif isinstance(msg, P.Reregister):
-            log.warning("dispatcher asked to register again: %s", msg.reason)
-            if self.reports.done:     # results of jobs it gave up on: it counts and drops them
-                self.conn.send(P.WorkerReport((), tuple(self.reports.done)))
-            self._reconnect()
+        else:
+            self._stop(self.registration.on_message(msg, self.reports.done))
+
+    def _stop(self, stop: Optional[Stop]) -> None:
+        if stop is not None:
+            self.stopping, self.exit_code = stop
 
     def _cancel(self, jids: set) -> None:
         self.followers.cancel(jids)
@@ -242,7 +224,7 @@ class Worker:
             # must stop the worker as quietly as one that arrives later. Slots before the connection:
             # their forker must be forked while no ZeroMQ thread runs.
             slot_set.start(self.nslots)
-            self._connect()
+            self.registration.connect()
             while self.stopping is None:
                 if slot_set.changed:
                     poller, by_fd = slot_set.poller(self.wake_r, self.conn.sock)
@@ -291,10 +273,9 @@ class Worker:
         if self.slot_set.dying:
             self.slot_set.reap()
         if self.conn.silent(now):
-            self._dispatcher_silent(now)
+            self._stop(self.registration.on_silence(now))
             return
-        if self.conn.registered and self.conn.liveness.heartbeat_due(now):
-            self.conn.send(P.Heartbeat())
+        self.conn.heartbeat(now)
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             self.stopping = "the process that started this worker is gone"
         if self._held():
@@ -304,18 +285,9 @@ class Worker:
         elif self.idle_timeout is not None and now - self.last_busy > self.idle_timeout:
             self.stopping = f"idle for {self.idle_timeout:g} s"
 
-    def _dispatcher_silent(self, now: float) -> None:
-        """No word from the dispatcher for `liveness` intervals: its view of our tasks is lost with it,
-        so stop them; then exit, or (with --reconnect) register again (`DispatcherConnection.give_up`)."""
-        gone = self.conn.give_up(now)
-        if gone is None:
-            self._reconnect()
-        else:
-            self.stopping, self.exit_code = gone, 2
-
     def _shutdown(self) -> None:
         log.info("worker %s stopping: %s", self.name, self.stopping)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not cut the clean-up short
         self.slot_set.stop_all()
-        self.conn.goodbye(self.stopping or "", self.dispatcher_gone)
+        self.registration.goodbye(self.stopping or "")
