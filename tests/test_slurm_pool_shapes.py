@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, wait_for
-
-pytestmark = pytest.mark.slurm
+from depio.runtime import protocol as P
+from depio.runtime.assignment import WorkerInfo
+from depio.runtime.dispatcher import Dispatcher
+from depio.runtime.resources import Offer, Resources, shape_of
+from depio.slurm.cluster import Cluster, Node
+from depio.slurm.pilot_launcher import SlurmPilotLauncher
+from depio.slurm.pilots import _PoolView
 
 SHAPED_IDLE = 8.0       # the GPU pilots' idle timeout in this pool: short, so the test sees them go
 
@@ -46,6 +51,35 @@ def _status(home: Path, name: str) -> dict:
     return json.loads(r.stdout) if r.returncode == 0 else {"workers": []}
 
 
+@pytest.mark.timeout(30)
+def test_a_pools_work_is_by_pilot_group_from_what_its_dispatcher_holds_and_runs(tmp_path, monkeypatch):
+    """Read from a real (unstarted) dispatcher's assignment, on a cluster of one 4-CPU 2-GPU node."""
+    monkeypatch.delenv("SBATCH_PARTITION", raising=False)
+    cluster = Cluster()
+    cluster._nodes, cluster._partitions = [Node("n", 4, 16000, 2, ("debug",), ())], {"debug": True}
+    launcher = SlurmPilotLauncher(1, 1, {"cpus_per_task": 1, "time": 5}, tmp_path, 1, 1, 5.0, 5.0, None, 1.0, 5, 3,
+                                  cluster=cluster)
+    said = []
+    launcher.notice = said.append
+    d = Dispatcher(P.new_key())
+    view = _PoolView(d, launcher)
+    gpu, big = shape_of(Resources(gpus=1)), shape_of(Resources(gpus=99))
+    c = d.assignment.add_client(b"c", "pipeline", "host", 1)
+    c.functions[b"f"] = b"function"
+    d.assignment.queue(c, tuple(P.TaskSpec(k, 1, f"t{k}", b"f", b"", shape=shape)
+                                for k, shape in enumerate((gpu, gpu, big, None))))
+    assert view.work() == {None: (1, 1), gpu: (2, 2)}         # the too-big shape gets no group ...
+    assert view.work() == {None: (1, 1), gpu: (2, 2)}
+    assert set(launcher.groups) == {None, gpu}
+    assert len(said) == 1 and "99 GPU(s)" in said[0] and "partition debug" in said[0], said    # ... said once
+    w = WorkerInfo(b"w", "pilot-1@n", "n", 2, slots=2, credits=2, offer=Offer(cpus=1, gpus=1, partition="debug"))
+    d.assignment.workers.add(w)
+    d.assignment.assign()                                      # both GPU tasks onto the GPU pilot
+    assert view.work()[gpu] == (2, 2)                          # handed out, not started: still to wait for
+    next(iter(d.assignment.jobs.values())).started = True
+    assert view.work()[gpu] == (2, 1)
+
+
 @pytest.fixture
 def gpu_cluster(slurm_cluster):
     gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=10).stdout
@@ -54,6 +88,7 @@ def gpu_cluster(slurm_cluster):
     return slurm_cluster
 
 
+@pytest.mark.slurm
 @pytest.mark.timeout(240)
 def test_a_gpu_task_on_a_cpu_slurm_pool_gets_a_gpu_pilot_that_leaves_when_idle(gpu_cluster, tmp_path):
     home, work = tmp_path / "home", tmp_path / "work"

@@ -216,8 +216,8 @@ class _PoolView:
         why = self.launcher.too_big(from_shape(shape))
         if why:
             self.refused[shape] = why
-            self.launcher.notice(f"pool: no pilot can be started for tasks that {why}; they wait until a "
-                                 f"worker that fits joins the pool")
+            self.launcher.notice(f"pool: no pilot can be started for a task that {why}; such tasks wait until "
+                                 f"a worker that fits joins the pool")
             return False
         return self.launcher.group_for(shape)
 
