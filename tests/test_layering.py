@@ -158,8 +158,6 @@ def test_no_module_over_400_lines():
     assert _sizes()[0] == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14, open: Dispatcher (322 lines, plus its PeerGuards mixin) and "
-                                      "Worker (319) grew past 300 with issues 15 and 16; they need one more split")
 def test_no_class_over_300_lines():
     assert _sizes()[1] == []
 
