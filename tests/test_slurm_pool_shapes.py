@@ -71,7 +71,19 @@ def test_a_pools_work_is_by_pilot_group_from_what_its_dispatcher_holds_and_runs(
     assert view.work() == {None: (1, 1), gpu: (2, 2)}         # the too-big shape gets no group ...
     assert view.work() == {None: (1, 1), gpu: (2, 2)}
     assert set(launcher.groups) == {None, gpu}
-    assert len(said) == 1 and "99 GPU(s)" in said[0] and "partition debug" in said[0], said    # ... said once
+    (failed,) = d.assignment.report(c).done                   # ... its task fails at once, naming it
+    assert failed.key == 2 and failed.error["type"] == "ResourcesUnavailable", failed
+    assert failed.error["message"].startswith("task t2 asks for") and "99 GPU(s)" in failed.error["message"] \
+        and "partition debug" in failed.error["message"], failed.error
+    # a registered worker that fits it (started by hand): the task waits for it; no pilot group, said once
+    huge = WorkerInfo(b"h", "by-hand@big", "big", 3, slots=1, offer=Offer(cpus=1, gpus=99, partition="debug"))
+    d.assignment.workers.add(huge)
+    d.assignment.queue(c, (P.TaskSpec(4, 1, "t4", b"f", b"", shape=big),))
+    assert d.assignment.routing.waiting() == {gpu: 2, big: 1}
+    assert view.work() == {None: (1, 1), gpu: (2, 2)} and view.work() == {None: (1, 1), gpu: (2, 2)}
+    assert len(said) == 1 and "99 GPU(s)" in said[0] and "registered workers that fit" in said[0], said
+    d.assignment.workers.remove(b"h")
+    d.assignment.routing.cancel(c, {4})
     w = WorkerInfo(b"w", "pilot-1@n", "n", 2, slots=2, credits=2, offer=Offer(cpus=1, gpus=1, partition="debug"))
     d.assignment.workers.add(w)
     d.assignment.assign()                                      # both GPU tasks onto the GPU pilot
@@ -124,17 +136,25 @@ def test_a_gpu_task_on_a_cpu_slurm_pool_gets_a_gpu_pilot_that_leaves_when_idle(g
             def prep(i):
                 return where()
 
+            @task("huge", slurm_gpus_per_task=99)
+            def huge():
+                return where()
+
             p = Pipeline(PoolExecutor("g"), quiet=True)
             tasks = [p.add_task(train())] + [p.add_task(prep(i)) for i in range(3)]
+            too_big = p.add_task(huge())
             code = p.run()
             for t in tasks:
                 print("RAN", t.name, *(t.result or ("", "")))
+            print("HUGE", too_big._status.name, too_big.reason)
             sys.exit(code)
         """))
         r = subprocess.run([sys.executable, str(script)], cwd=work, env=_env(home), capture_output=True,
                            text=True, timeout=150, stdin=subprocess.DEVNULL)
         out = r.stdout + r.stderr
-        assert r.returncode == 0, out + (tmp_path / "pool.out").read_text()
+        assert r.returncode == 1, out + (tmp_path / "pool.out").read_text()     # only the too-big task failed
+        huge = next((x for x in out.splitlines() if x.startswith("HUGE")), out)
+        assert huge.startswith("HUGE FAILED task huge (#5) asks for") and "99 GPU(s)" in huge, out
         rows = [(x.split() + ["", "", ""])[1:4] for x in out.splitlines() if x.startswith("RAN")]
         gpu = [x for x in rows if x[0] == "train"]
         cpu = [x for x in rows if x[0] == "prep"]

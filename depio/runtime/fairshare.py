@@ -125,17 +125,20 @@ def charge_lost(a: "Assignment", w: "WorkerInfo", reason: str) -> None:
     w.jobs.clear()
 
 
+def failed(spec: TaskSpec, why: str, error_type: str) -> P.TaskResult:
+    """The result of a task the dispatcher ends without running it, saying why."""
+    now = time.time()
+    return P.TaskResult(spec.key, spec.attempt, now, now, "", "",
+                        {"kind": "TaskRaisedExceptionException", "type": error_type, "message": why, "traceback": "",
+                         "summary": why}, None, "dispatcher")
+
+
 def fail_jobs(a: "Assignment", w: "WorkerInfo", jids: List[int], reason: Callable[[TaskSpec], str]) -> None:
     """End these jobs of worker `w` as failed, without running them (e.g. too big to send)."""
-    now = time.time()
     for jid in jids:
         job = a.jobs.pop(jid, None)
         w.jobs.discard(jid)
         if job is None:
             continue
         job.client.forget_job(jid, job.spec.key)
-        why = reason(job.spec)
-        a.report(job.client).done.append(P.TaskResult(
-            job.spec.key, job.spec.attempt, now, now, "", "",
-            {"kind": "TaskRaisedExceptionException", "type": "MessageTooBig", "message": why, "traceback": "",
-             "summary": why}, None, "dispatcher"))
+        a.report(job.client).done.append(failed(job.spec, reason(job.spec), "MessageTooBig"))

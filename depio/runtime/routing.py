@@ -7,6 +7,9 @@ whose offer fits it (`resources.fits`), before the common tasks take what is lef
 
 A pinned task (`resources.pinned_shape(token)`, a per-task Slurm job's one task) goes only to the
 worker whose offer names that pin: the job was started for it.
+
+A pool whose workers come from a cluster sets `impossible`: a shape that no node of the cluster could
+hold, and that no registered worker fits, fails at once with the reason instead of waiting for ever.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import operator
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+from .fairshare import failed
 from .protocol import TaskSpec
 from .resources import PIN, fits, from_shape
 
@@ -31,6 +35,8 @@ class Routing:
         self.held: Dict[tuple, Deque[Tuple[Any, TaskSpec]]] = {}
         self.pinned: Dict[str, Tuple[Any, TaskSpec]] = {}
         self._requests: Dict[tuple, object] = {}
+        # why no worker could ever come for a shape (None: one could); set by a pool's pilot launcher
+        self.impossible: Optional[Callable[[tuple], Optional[str]]] = None
 
     def hold(self, c: Any, specs: Sequence[TaskSpec]) -> Sequence[TaskSpec]:
         """Keep the specs that have a shape; return the others (for the client's common queue)."""
@@ -43,9 +49,19 @@ class Routing:
                 rest.append(s)
             elif shape[0] == PIN:
                 self.pinned[shape[1]] = (c, s)
+            elif shape not in self.held and self.impossible is not None and (why := self._never(shape)):
+                self.a.report(c).done.append(failed(s, f"task {s.name} {why}", "ResourcesUnavailable"))
             else:
                 self.held.setdefault(shape, deque()).append((c, s))
         return tuple(rest)
+
+    def _never(self, shape: tuple) -> Optional[str]:
+        """Why a task of `shape` can never run here: no registered worker fits it, and the cluster
+        that workers come from has no node that could (`impossible`)."""
+        request = self._requests.get(shape) or self._requests.setdefault(shape, from_shape(shape))
+        if any(w.offer is not None and not w.offer.pin and fits(request, w.offer) for w in self.a.workers):
+            return None
+        return self.impossible(shape)
 
     def cancel(self, c: Any, keys: Optional[set]) -> None:
         """Forget the client's held tasks `keys` (None: all of them)."""

@@ -180,12 +180,25 @@ class _PoolView:
     walltime). Tasks that ask for more than the base pilots hold wait in the dispatcher's routing,
     by shape: each shape's count becomes the work of its own pilot group, which the launcher starts
     while it has work and lets go when it has none. A shape no node of the cluster could ever hold
-    gets no group (its sbatch would fail and stop every launch); the pool says so once."""
+    gets no group (its sbatch would fail and stop every launch): its tasks fail at once in the
+    dispatcher (`Routing.impossible`), unless a worker that fits them is registered."""
 
     def __init__(self, dispatcher, launcher: SlurmPilotLauncher):
         self.dispatcher = dispatcher
         self.launcher = launcher
         self.refused: Dict[tuple, str] = {}      # shapes too big for any node, and why
+        self._said: set = set()                  # those the pool's log has named
+        launcher.cluster.nodes(), launcher.cluster.partitions()   # asked here: the dispatcher's thread must not wait on scontrol
+        dispatcher.assignment.routing.impossible = self.too_big
+
+    def too_big(self, shape: tuple) -> Optional[str]:
+        """Why no node of the cluster could hold a task of `shape` (None: some node could)."""
+        why = self.refused.get(shape)
+        if why is None:
+            why = self.launcher.too_big(from_shape(shape))
+            if why:
+                self.refused[shape] = why
+        return why or None
 
     def _read(self, read):
         """Read the dispatcher's state from this thread: it runs in another one, without locks."""
@@ -211,13 +224,12 @@ class _PoolView:
 
     def _group(self, shape: tuple):
         """The pilot group for tasks of `shape`; False if no node could ever run them."""
-        if shape in self.refused:
-            return False
-        why = self.launcher.too_big(from_shape(shape))
+        why = self.too_big(shape)
         if why:
-            self.refused[shape] = why
-            self.launcher.notice(f"pool: no pilot can be started for a task that {why}; such tasks wait until "
-                                 f"a worker that fits joins the pool")
+            if shape not in self._said:
+                self._said.add(shape)
+                self.launcher.notice(f"pool: no pilot can be started for a task that {why}; such tasks go only "
+                                     f"to the registered workers that fit them")
             return False
         return self.launcher.group_for(shape)
 
