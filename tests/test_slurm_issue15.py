@@ -196,6 +196,42 @@ def test_gpu_tasks_run_only_on_gpu_pilots_each_slot_its_own_gpu(slurm_env):
     assert len(_jobs_of(slurm_env / "slurm")) == 2, out       # one array per shape: CPU pilots, GPU pilots
 
 
+@pytest.mark.timeout(150)
+def test_per_task_jobs_ask_slurm_for_an_explicit_resources_request(slurm_env):
+    """`resources=` wins over the task's Slurm parameters in per-task mode too: the job holds the GPU
+    and memory the task asks for, and a task that asks nothing gets neither."""
+    gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=10).stdout
+    if "gpu:" not in gres:
+        pytest.skip("the local Slurm has no (fake) GPUs: LOCAL_SLURM_GPUS=2 bash scripts/local-slurm.sh up")
+    script = slurm_env / "p.py"
+    script.write_text(textwrap.dedent("""
+        import os, subprocess, sys
+        from depio import Pipeline, SubmitItExecutor, Task
+
+        def where(tag):
+            job = os.environ["SLURM_JOB_ID"]
+            show = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+            mem = next(f for f in show.split() if f.startswith("MinMemoryNode=") or f.startswith("MinMemoryCPU="))
+            return job, os.environ.get("CUDA_VISIBLE_DEVICES", "-"), mem
+
+        p = Pipeline(SubmitItExecutor(folder="slurm", parameters={"slurm_time": 5}), quiet=True)
+        gpu = p.add_task(Task("gpu", where, ["gpu"], resources={"gpus": 1, "mem_gb": 1}))
+        plain = p.add_task(Task("plain", where, ["plain"]))
+        code = p.run()
+        for t in (gpu, plain):
+            print("RAN", t.name, *t.result)
+        sys.exit(code)
+    """))
+    r = run_script(script, slurm_env, timeout=140)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    rows = {x.split()[1]: x.split()[2:] for x in out.splitlines() if x.startswith("RAN")}
+    assert set(rows) == {"gpu", "plain"}, out
+    assert rows["gpu"][1] not in ("-", "") and rows["gpu"][2] == "MinMemoryNode=1G", out
+    assert rows["plain"][1] in ("-", ""), out
+    assert rows["gpu"][0] != rows["plain"][0], out
+
+
 def _started(folder: Path, n: int) -> list:
     return wait_for(lambda: (lambda m: m if len(m) >= n else None)(sorted(folder.glob("start-*"))), 60,
                     f"{n} task(s) started")

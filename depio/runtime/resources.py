@@ -176,7 +176,8 @@ def _from_slurm(params: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _from_explicit(value: Any) -> Dict[str, Any]:
+def explicit_fields(value: Any) -> Dict[str, Any]:
+    """A task's `resources=` (a dict or a `Resources`) as request fields, checked: only what it names."""
     if isinstance(value, Resources):
         return dataclasses.asdict(value)
     out: Dict[str, Any] = {}
@@ -209,7 +210,7 @@ def request_of(task: Any, base: Optional[Mapping[str, Any]] = None) -> Resources
         fields.update(_from_slurm(own))
     explicit = getattr(task, "resources", None)
     if explicit:
-        fields.update(_from_explicit(explicit))
+        fields.update(explicit_fields(explicit))
     if not fields:
         return DEFAULT
     r = Resources(**fields)

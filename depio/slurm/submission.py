@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..runtime.resources import Resources, explicit_fields
+
 
 TWO_DAYS_IN_MINUTES = 60 * 48
 DEFAULT_PARAMS: Dict[str, Any] = {"slurm_time": TWO_DAYS_IN_MINUTES, "slurm_partition": "gpu", "slurm_mem": 32,
@@ -14,6 +16,26 @@ DEFAULT_PARAMS: Dict[str, Any] = {"slurm_time": TWO_DAYS_IN_MINUTES, "slurm_part
 
 _GENERIC = {"timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node", "name",
             "stderr_to_stdout"}
+
+
+def resource_parameters(resources: Any) -> Dict[str, Any]:
+    """A task's explicit `resources=` as a per-task layer of submitit keywords (it wins over the
+    task's Slurm parameters, as in routing): the job asks for what the task asks for."""
+    fields = explicit_fields(resources)
+    r = Resources(**fields)
+    out: Dict[str, Any] = {}
+    if "cpus" in fields:
+        out["cpus_per_task"] = r.cpus
+    if r.gpus:
+        out["gres"] = f"gpu:{r.gpus}"
+    if r.mem_mb:
+        out["mem"] = f"{r.mem_mb}M"
+    if r.time_min:
+        out["time"] = max(1, int(-(-r.time_min // 1)))
+    for name in ("partition", "constraint"):
+        if getattr(r, name):
+            out[name] = getattr(r, name)
+    return out
 
 
 def sbatch_parameters(*layers: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -26,7 +26,7 @@ from ..runtime.resources import pinned_shape, request_of
 from .addresses import bind_address
 from .cluster import Cluster
 from .query import QUERY_INTERVAL
-from .submission import DEFAULT_PARAMS, sbatch_parameters
+from .submission import DEFAULT_PARAMS, resource_parameters, sbatch_parameters
 from .task_jobs import SlurmTaskLauncher, _Attempt
 
 log = logging.getLogger("depio.slurm")
@@ -99,8 +99,18 @@ class SlurmTaskBackend(DispatcherBackend):
     def _params(self, task) -> Dict[str, Any]:
         own = getattr(task, "slurm_parameters", None)
         params = sbatch_parameters(self.parameters, own)
-        if self.drop_partition and not (own and ("slurm_partition" in own or "partition" in own)):
+        explicit = resource_parameters(task.resources) if getattr(task, "resources", None) else {}
+        if self.drop_partition and not (own and ("slurm_partition" in own or "partition" in own)) \
+                and "partition" not in explicit:
             params.pop("partition", None)
+        if explicit:
+            if "gres" in explicit:          # the explicit GPU count replaces any other spelling of one
+                for name in ("gpus_per_node", "gpus_per_task", "gres"):
+                    params.pop(name, None)
+            if "mem" in explicit:
+                for name in ("mem_per_cpu", "mem_per_gpu"):
+                    params.pop(name, None)
+            params.update(explicit)
         return params
 
     def submit(self, specs, functions) -> None:
