@@ -21,7 +21,9 @@ def _cmd_start(args: argparse.Namespace) -> int:
         args.local = 0 if args.slurm else (os.cpu_count() or 1)
     extra = ["--local", str(args.local), "--slots", str(args.slots), "--host", args.host,
              "--heartbeat", str(args.heartbeat), "--slurm", str(args.slurm), "--slurm-slots", str(args.slurm_slots),
-             "--slurm-time", str(args.slurm_time), "--no-worker-limit", str(args.no_worker_limit)] + [f"--slurm-param={p}" for p in args.slurm_param]
+             "--slurm-time", str(args.slurm_time), "--no-worker-limit", str(args.no_worker_limit)] + \
+        [f"--slurm-param={p}" for p in args.slurm_param] + \
+        (["--slurm-shaped-idle", str(args.slurm_shaped_idle)] if args.slurm_shaped_idle is not None else [])
     if args.key_file:
         extra += ["--key-file", args.key_file]
     if args.detach:
@@ -32,7 +34,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     return serve(args.name, host=args.host, local=args.local, slots=args.slots, key_file=args.key_file,
                  heartbeat=args.heartbeat, slurm=args.slurm, slurm_slots=args.slurm_slots,
                  slurm_time=args.slurm_time, slurm_parameters=_slurm_params(args.slurm_param),
-                 no_worker_limit=args.no_worker_limit)
+                 slurm_shaped_idle=args.slurm_shaped_idle, no_worker_limit=args.no_worker_limit)
 
 
 def _slurm_params(pairs: List[str]) -> Dict[str, Any]:
@@ -100,6 +102,9 @@ def add_pool_commands(sub: Any) -> None:
                        help="keep N depio-worker pilot jobs in Slurm, replaced at their walltime [%(default)s]")
     start.add_argument("--slurm-slots", type=int, default=1, help="slots per Slurm pilot [%(default)s]")
     start.add_argument("--slurm-time", type=float, default=60.0, help="pilot walltime in minutes [%(default)s]")
+    start.add_argument("--slurm-shaped-idle", type=float, default=None, metavar="SECONDS",
+                       help="pilots started for tasks that ask for more than --slurm-param gives (GPUs, memory, ...) "
+                            "leave after this long without such work [60]")
     start.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
                        help="a submitit Slurm parameter for the pilots, e.g. slurm_partition=gpu (repeatable); "
                             "SBATCH_* environment variables apply too")
