@@ -129,7 +129,7 @@ class Pipeline:
         ex = self.depioExecutor
         if ex is None or (type(ex) is ParallelExecutor and ex.internal_executor is None):
             # DEPIO_POOL=name: an unchanged script runs on that pool instead of local workers
-            from .pool import executor_from_environment
+            from .pool.executor import executor_from_environment
             pooled = executor_from_environment()
             if pooled is not None:
                 return pooled

@@ -14,6 +14,10 @@ class TaskStatus(Enum):
     HOLD = 8
     UNKNOWN = 9
 
+    # members are singletons compared by identity: hash them so too, in C (Enum's own __hash__ is
+    # Python code, and the runtime hashes a status several times per task, in counters and sets)
+    __hash__ = object.__hash__
+
 
 TERMINAL_STATES = frozenset({TaskStatus.FINISHED, TaskStatus.SKIPPED, TaskStatus.FAILED,
                              TaskStatus.DEPFAILED, TaskStatus.CANCELED})
