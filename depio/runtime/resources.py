@@ -205,7 +205,9 @@ def request_of(task: Any, base: Optional[Mapping[str, Any]] = None) -> Resources
     fields: Dict[str, Any] = {}
     if base:
         fields.update(_from_slurm(base))
-    own = getattr(task, "slurm_parameters", None)
+    own = getattr(task, "_slurm_parameters", False)    # a Task's, without making its empty dict
+    if own is False:
+        own = getattr(task, "slurm_parameters", None)
     if own:
         fields.update(_from_slurm(own))
     explicit = getattr(task, "resources", None)
@@ -227,7 +229,7 @@ def pinned_shape(token: str) -> tuple:
 
 def shape_of(request: Resources) -> Optional[tuple]:
     """A request as it travels in a `TaskSpec` (None: the default, which every worker fits)."""
-    return None if request == DEFAULT else dataclasses.astuple(request)
+    return None if request is DEFAULT or request == DEFAULT else dataclasses.astuple(request)
 
 
 def from_shape(shape: Optional[tuple]) -> Resources:

@@ -196,14 +196,16 @@ class LogWriter:
     def poll(self, final: bool = False) -> None:
         if not self.todo:
             return
-        if self.board is not None and not final:
+        if self.board is not None:
             for i in self.board.take_ended():
                 self._write(i)
-            return
-        for i in self.todo:
+            if not final:
+                return
+        written = self.written       # the last pass: only the tasks not written yet (few, with a board)
+        for i in [i for i in self.todo if not written[i]]:
             if final or self.tasks[i].is_in_terminal_state:
                 self._write(i)
-        self.todo = [i for i in self.todo if not self.written[i]]
+        self.todo = [i for i in self.todo if not written[i]]
 
     def write_errors(self, errors: Sequence[str]) -> Optional[Path]:
         """What failed the run itself (the scheduler, the view), next to the task logs."""
