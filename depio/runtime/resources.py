@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -245,6 +243,8 @@ def gpu_ids(env: Optional[Mapping[str, str]] = None) -> List[str]:
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    import shutil                  # here, not at the top: every worker imports this module and
+    import subprocess              # subprocess costs ~5 ms of its start-up; few ask nvidia-smi
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
