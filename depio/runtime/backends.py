@@ -49,13 +49,7 @@ class Backend(ABC):
     def take_notices(self) -> List[str]:
         """The notices since the last call, oldest first."""
         q = self.__dict__.get("_notices")
-        out: List[str] = []
-        while q:
-            try:
-                out.append(q.popleft())
-            except IndexError:       # taken meanwhile (there is one taker: cannot happen)
-                break
-        return out
+        return [q.popleft() for _ in range(len(q))] if q else []      # one taker: the main thread
 
     def bind(self, scheduler, graph) -> None:
         self.scheduler = scheduler

@@ -25,7 +25,7 @@ from .orphans import cancel_orphans, job_mark, with_mark
 from .pacing import Pacer
 from .query import QUERY_INTERVAL, SlurmQuery, scancel, wait_gone
 from .states import _terminal
-from .submission import _minutes, _Params, _python_path_setup, _slurm_executor
+from .submission import _minutes, _Params, _python_path_setup, _slurm_executor, sbatch_options
 
 log = logging.getLogger("depio.slurm")
 
@@ -71,13 +71,7 @@ def make_group(shape: tuple, base: Dict[str, Any], slots: int, walltime_min: flo
     params = dict(base)
     params.pop("gpus_per_node", None)
     params["cpus_per_task"] = max(int(params.get("cpus_per_task") or 1), r.cpus * slots)
-    if r.gpus:
-        params["gres"] = f"gpu:{r.gpus * slots}"
-    if r.mem_mb:
-        params["mem"] = f"{r.mem_mb * slots}M"
-    for name in ("partition", "constraint"):
-        if getattr(r, name):
-            params[name] = getattr(r, name)
+    params.update(sbatch_options(_scaled(r, slots)))
     if r.time_min > walltime_min:
         walltime_min = r.time_min + margin / 60
         params["time"] = max(1, int(-(-walltime_min // 1)))

@@ -186,7 +186,7 @@ class _PoolView:
     def __init__(self, dispatcher, launcher: SlurmPilotLauncher):
         self.dispatcher = dispatcher
         self.launcher = launcher
-        self.refused: Dict[tuple, str] = {}      # shapes too big for any node, and why
+        self.refused: Dict[tuple, str] = {}      # by shape: why no node could hold it ("": one could)
         self._said: set = set()                  # those the pool's log has named
         launcher.cluster.nodes(), launcher.cluster.partitions()   # asked here: the dispatcher's thread must not wait on scontrol
         dispatcher.assignment.routing.impossible = self.too_big
@@ -194,10 +194,8 @@ class _PoolView:
     def too_big(self, shape: tuple) -> Optional[str]:
         """Why no node of the cluster could hold a task of `shape` (None: some node could)."""
         why = self.refused.get(shape)
-        if why is None:
-            why = self.launcher.too_big(from_shape(shape))
-            if why:
-                self.refused[shape] = why
+        if why is None:      # asked once per shape ("": some node could hold it)
+            why = self.refused[shape] = self.launcher.too_big(from_shape(shape)) or ""
         return why or None
 
     def _read(self, read):

@@ -18,23 +18,30 @@ _GENERIC = {"timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", 
             "stderr_to_stdout"}
 
 
+def sbatch_options(r: Resources) -> Dict[str, Any]:
+    """What a request asks of Slurm besides CPUs and time (GPUs, memory, partition, constraint), in
+    submitit's keywords: for a per-task job and for a pilot group alike."""
+    out: Dict[str, Any] = {}
+    if r.gpus:
+        out["gres"] = f"gpu:{r.gpus}"
+    if r.mem_mb:
+        out["mem"] = f"{r.mem_mb}M"
+    for name in ("partition", "constraint"):
+        if getattr(r, name):
+            out[name] = getattr(r, name)
+    return out
+
+
 def resource_parameters(resources: Any) -> Dict[str, Any]:
     """A task's explicit `resources=` as a per-task layer of submitit keywords (it wins over the
     task's Slurm parameters, as in routing): the job asks for what the task asks for."""
     fields = explicit_fields(resources)
     r = Resources(**fields)
-    out: Dict[str, Any] = {}
+    out = sbatch_options(r)
     if "cpus" in fields:
         out["cpus_per_task"] = r.cpus
-    if r.gpus:
-        out["gres"] = f"gpu:{r.gpus}"
-    if r.mem_mb:
-        out["mem"] = f"{r.mem_mb}M"
     if r.time_min:
         out["time"] = max(1, int(-(-r.time_min // 1)))
-    for name in ("partition", "constraint"):
-        if getattr(r, name):
-            out[name] = getattr(r, name)
     return out
 
 
