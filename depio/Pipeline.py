@@ -151,8 +151,6 @@ class Pipeline:
             return self._accept_from_env()
         executor = self._executor()
         state = TaskState.open() if self.tasks else None
-        if state is not None and any(t.buildmode in STATE_MODES or t.track_code for t in self.tasks):
-            state.prefetch()          # while validating
         try:
             return self._run(self.validate(), executor, state)
         finally:

@@ -2,6 +2,8 @@
 argument digest matches the record's, and a store that cannot be opened never fails a run."""
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path, PurePosixPath
 from typing import Annotated
 
@@ -95,3 +97,75 @@ def test_accept_names_unknown_tasks_and_missing_products(workdir):
         p.accept()
     assert p.run() == 0
     assert [(t.name, why) for t, why in tree(3).accept(["1"])] == [("step", None)]     # by id; up to date
+
+
+def _age(*paths: Path, seconds: float = 60) -> None:
+    """Set the files' mtimes in the past: settled, as files are a few seconds after a run."""
+    t = time.time() - seconds
+    for p in paths:
+        os.utime(p, (t, t))
+
+
+def _tokens() -> dict:
+    with StateStore(Path(".depio", "state.sqlite")) as store:
+        return {k.hex(): q for k, q in store._read("SELECT key, quick FROM made")}
+
+
+def test_a_settled_up_to_date_task_is_decided_by_stat_alone(workdir, monkeypatch):
+    assert tree().run() == 0
+    assert set(_tokens().values()) == {None}          # just written: within the racy window, no token
+    p = tree()
+    assert p.run() == 0 and all(t._status.name == "SKIPPED" for t in p.tasks)
+    assert set(_tokens().values()) == {None}          # up to date, but the files may still change unseen
+    _age(*Path(".").glob("*.txt"))
+    p = tree()
+    assert p.run() == 0 and all(t._status.name == "SKIPPED" for t in p.tasks)
+    assert None not in _tokens().values()             # found up to date by content: tokens for the next run
+    p = tree()
+    p.validate()
+    state = TaskState.open()
+    try:
+        for t in p.tasks:
+            t._state = state
+        with monkeypatch.context() as m:
+            m.setattr(TaskState, "_check_content", lambda self, task, key: pytest.fail(f"content read for {task}"))
+            assert [t.run_reason(False) for t in p.tasks] == [None] * len(p.tasks)
+        assert state._memo is None                    # not even the memo was loaded
+    finally:
+        state.close()
+
+
+def test_a_quick_token_never_hides_a_change(workdir):
+    assert tree().run() == 0
+    _age(*Path(".").glob("*.txt"))
+    assert tree().run() == 0                          # tokens set
+    before = _tokens()
+    Path("4.txt").write_text("4tx")                   # same size, new content, mtime now
+    p = tree()
+    assert p.run() == 0
+    ran = {t.func_args[0]: t.reason for t in p.tasks if t._status.name == "FINISHED"}
+    assert ran == {4: "product 4.txt changed since it was made"}
+    after = _tokens()
+    changed = {k for k in before if before[k] != after[k]}
+    assert len(changed) == 1 and after[changed.pop()] is None      # made again: its token goes
+    Path("0.txt").write_bytes(Path("0.txt").read_bytes())           # the same bytes again: stamps differ
+    _age(*Path(".").glob("*.txt"))
+    p = tree()
+    assert p.run() == 0 and all(t._status.name == "SKIPPED" for t in p.tasks)   # by content: up to date
+    assert None not in _tokens().values()
+    p = tree(tag="u")                                  # an argument: the token differs, content decides
+    assert p.run() == 0 and all(t._status.name == "FINISHED" for t in p.tasks)
+
+
+def test_a_store_without_the_quick_column_gains_it(workdir):
+    import sqlite3
+    Path(".depio").mkdir()
+    db = sqlite3.connect(".depio/state.sqlite")
+    db.execute("CREATE TABLE made(id INTEGER PRIMARY KEY, key BLOB UNIQUE NOT NULL, fp BLOB NOT NULL, name TEXT, "
+               "code INTEGER, rec TEXT, made_at INTEGER, accepted INTEGER)")
+    db.commit()
+    db.close()
+    assert tree(3).run() == 0
+    _age(*Path(".").glob("*.txt"))
+    assert tree(3).run() == 0
+    assert len(_tokens()) == 3 and None not in _tokens().values()

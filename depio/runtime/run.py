@@ -16,7 +16,8 @@ from typing import List, Optional
 import pykka
 
 from ..TaskStatus import SUCCESSFUL_TERMINAL_STATES
-from ..state.tasks import Recorder, TaskState
+from ..state.recorder import Recorder
+from ..state.tasks import TaskState
 from ..view.display import Display, KeyReader, isatty
 from ..view.logs import LogWriter, RunLogs
 from .backends import InlineBackend

@@ -44,19 +44,24 @@ tasks run again.
 **Accepting.** `depio accept`: `store.accept([snapshot(..., hash_products=True) for each task])`
 returns (record, what was accepted or None when it was up to date) pairs to print.
 
-**Wired in (`tasks.py`).** `TaskState` is this recipe on a pipeline's tasks (the scheduler's
-decisions reach it as `task._state`), `Recorder` the recording in a thread of its own (the history
-packed per batch, `codec.encode_history`), and
-`TaskState.accept` what `Pipeline.accept` and `depio accept` call. A record's fingerprint covers
-its products as made too: a product rewritten by a failed or killed run, or by hand, is not up to date.
+**Wired in.** `TaskState` (`tasks.py`) is this recipe on a pipeline's tasks (the scheduler's
+decisions reach it as `task._state`), `Recorder` (`recorder.py`) the recording in a thread of its
+own (the history packed per batch, `codec.encode_history`), and `TaskState.accept` what
+`Pipeline.accept` and `depio accept` call. A record's fingerprint covers its products as made too: a
+product rewritten by a failed or killed run, or by hand, is not up to date. `TaskState` first tries
+a record's *quick token*: the same fingerprint with each file's stamp (size, mtime_ns, inode) for its
+content hash, kept once a task was found up to date by content with every file older than the racy
+window; an up-to-date run then loads neither the memo nor the fingerprints, and a stat per product
+decides (a stamp that differs, say after a `touch`, falls back to content, which sets the token again).
 
 **History and report.** `store.runs()` (newest first: id, script, cwd, host, pid, start, end,
 counts), `store.run_tasks(run_id)`, and `write_report(store, run_id_or_None, "report.html")`.
 
-Sizes and speed (100,000 tasks with one dependency and one product each, on a busy shared 2-core
-machine, Python 3.11): the store is 45 MB after the first run; loading the memo and the fingerprints
-takes about 0.6 s, checking 100,000 memoised files about 0.6-0.8 s (a `stat` each, no read:
-`memo.reads` counts reads), a whole `snapshot` + fingerprint comparison about 25 us a task, and the
+Sizes and speed (100,000 tasks with one dependency and one product each, on a shared 2-core
+machine, Python 3.11): the store is 34 MB after the first run; loading the memo and the fingerprints
+takes about 0.3 s, the quick tokens about 0.07 s; `TaskState.check_changed` takes about 9 us a task
+by quick token (IF_MISSING's stat alone: 3.4 us), 10 us by content from the memo (a `stat` each, no
+read: `memo.reads` counts reads), a whole `snapshot` + fingerprint comparison about 25 us, and the
 writer about 20-30 us a recorded task. A file written less than `RACY_WINDOW` (2 s) ago is hashed
 but not memoised, so products are read once more by the first decision after the run that made them.
 """
@@ -64,10 +69,12 @@ from .files import HashMemo, content_hash, hash_paths, norm_path
 from .hashing import CodeDesc, clear_code_cache, code_hash, is_user_file
 from .records import Decision, MadeRecord, RunTask, snapshot, task_key, why_changed
 from .report import write_report
-from .store import DEFAULT_STATE_PATH, STATE_ENV, StateStore, state_path
+from .location import DEFAULT_STATE_PATH, STATE_ENV, state_path
+from .store import StateStore
 from .values import PYTHON, args_diff, args_hash, args_record
 from .writer import StateWriter
-from .tasks import Recorder, TaskState, inputs_of, needs_state
+from .recorder import Recorder
+from .tasks import TaskState, inputs_of, needs_state
 
 __all__ = ["HashMemo", "content_hash", "hash_paths", "norm_path", "CodeDesc", "clear_code_cache", "code_hash",
            "is_user_file", "Decision", "MadeRecord", "RunTask", "snapshot", "task_key", "why_changed",

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .records import RunTask
-from .store import DEFAULT_LOG_DIR, StateStore
+from .location import DEFAULT_LOG_DIR
+from .store import StateStore
 
 BAR_LIMIT = 2000
 STATUS_COLOURS = {"FINISHED": "#2e9e44", "FAILED": "#d63b3b", "DEPFAILED": "#e58e26", "CANCELED": "#8a8a8a",

@@ -1,19 +1,14 @@
 """The state store: one SQLite file (stdlib sqlite3, WAL) with what each task was made from, the
-content-hash memo and the run history.
-
-    .depio/state.sqlite          next to .depio/logs/, relative to the directory the pipeline runs in
-
-`DEPIO_STATE` moves the database file (a path; an existing folder gets `state.sqlite` inside) and
-`DEPIO_STATE=off` turns it off. Without it, `DEPIO_LOG_DIR=DIR` puts it at `DIR/state.sqlite`, next to
-the logs as in `.depio/` (so a moved log folder leaves no `.depio/` behind; like the logs' run
-folders, it is then one folder per project); `DEPIO_LOG_DIR=off` leaves it in `.depio/`. `DEPIO_LOG_KEEP` (default 20, as for log folders) is
-how many runs the history keeps. Every write is one transaction (`BEGIN IMMEDIATE`, waiting up to
+content-hash memo and the run history; where it is, `location` says. Every write is one transaction
+(`BEGIN IMMEDIATE`, waiting up to
 `timeout` seconds for another pipeline's), so two pipelines in one folder work at once, and a
 process killed mid-run leaves whole transactions only.
 
 Tables (kept small: about 45 MB after one run of 100,000 one-input one-output tasks):
 
-    made       task key -> fingerprint, name, code (-> code), deps/args/products as one JSON text, time, accepted
+    made       task key -> fingerprint, name, code (-> code), deps/args/products as one JSON text, time, accepted,
+               and the quick token: the fingerprint with each file's (size, mtime_ns, inode) for its content
+               hash, set once the files are older than the racy window (`TaskState.check_changed` reads it)
     code       code hash -> Python version, file, def line, function name, parts (the functions it reaches);
                the version sits with the hash because a code hash means something only under it
     hash_memo  path (relative to `base` when inside it) -> size, mtime_ns, inode, content hash; one row a path
@@ -36,19 +31,12 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .hashing import CodeDesc, HashMemo
 from .codec import _decode_rec, _dumps, _encode_rec, decode_history
+from .location import keep_runs, state_path
 from .records import Decision, MadeRecord, RunTask
 
 log = logging.getLogger("depio.state")
 
-STATE_ENV = "DEPIO_STATE"
-KEEP_ENV = "DEPIO_LOG_KEEP"              # shared with the log folders (depio/view/logs.py)
-LOG_DIR_ENV = "DEPIO_LOG_DIR"
-DEFAULT_STATE_PATH = os.path.join(".depio", "state.sqlite")
-DEFAULT_LOG_DIR = os.path.join(".depio", "logs")
-DEFAULT_KEEP = 20
-STATE_FILE = "state.sqlite"
 SCHEMA_VERSION = "1"
-_OFF = ("off", "none", "0", "false", "no")
 _CHUNK = 500                             # keys per IN (...) query, under SQLite's parameter limit
 
 _SCHEMA = """
@@ -56,7 +44,7 @@ CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS code(id INTEGER PRIMARY KEY, hash TEXT UNIQUE, python TEXT, file TEXT, line INTEGER,
     name TEXT, parts TEXT);
 CREATE TABLE IF NOT EXISTS made(id INTEGER PRIMARY KEY, key BLOB UNIQUE NOT NULL, fp BLOB NOT NULL, name TEXT,
-    code INTEGER, rec TEXT, made_at INTEGER, accepted INTEGER);
+    code INTEGER, rec TEXT, made_at INTEGER, accepted INTEGER, quick BLOB);
 CREATE TABLE IF NOT EXISTS hash_memo(path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER,
     hash BLOB) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs(num INTEGER PRIMARY KEY, id TEXT UNIQUE, script TEXT, cwd TEXT, host TEXT,
@@ -66,26 +54,6 @@ CREATE TABLE IF NOT EXISTS run_tasks(run INTEGER, seq INTEGER, key BLOB, name TE
     PRIMARY KEY(run, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS run_history(run INTEGER, data BLOB);
 """
-
-
-def state_path(env: Optional[Mapping[str, str]] = None) -> Optional[Path]:
-    """Where the database is (None: the state is off)."""
-    env = env if env is not None else os.environ
-    value = env.get(STATE_ENV, "").strip()
-    if value.lower() in _OFF and value:
-        return None
-    logs = env.get(LOG_DIR_ENV, "").strip()
-    if not value and logs and logs.lower() not in _OFF:     # next to the logs, as .depio/ holds both
-        value = os.path.join(logs, STATE_FILE)
-    path = Path(os.path.abspath(os.path.expanduser(value or DEFAULT_STATE_PATH)))
-    return path / STATE_FILE if path.is_dir() else path
-
-
-def keep_runs(env: Optional[Mapping[str, str]] = None) -> int:
-    try:
-        return max(1, int((env if env is not None else os.environ).get(KEEP_ENV, DEFAULT_KEEP)))
-    except ValueError:
-        return DEFAULT_KEEP
 
 
 def _use_wal(db: sqlite3.Connection, timeout: float) -> None:
@@ -121,6 +89,8 @@ class StateStore:
                 if statement.strip():
                     self._db.execute(statement)
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            if "quick" not in {row[1] for row in self._db.execute("PRAGMA table_info(made)")}:   # a store of 0.2.0
+                self._db.execute("ALTER TABLE made ADD COLUMN quick BLOB")
         self._run_nums: Dict[str, Tuple[int, float]] = {}      # run id -> (num, start)
 
     @classmethod
@@ -180,6 +150,11 @@ class StateStore:
         with self._lock:
             return {k.hex(): f.hex() for k, f in self._db.execute("SELECT key, fp FROM made")}
 
+    def quick_tokens(self) -> frozenset:
+        """The quick tokens of the records that have one (`TaskState.quick_token`; bytes as kept)."""
+        with self._lock:
+            return frozenset(q for (q,) in self._db.execute("SELECT quick FROM made WHERE quick IS NOT NULL"))
+
     def code_hashes(self) -> Dict[str, Optional[str]]:
         """{task key: code hash or None} of every record: enough for IF_CODE_CHANGED's decisions."""
         with self._lock:
@@ -216,6 +191,7 @@ class StateStore:
                        "DO UPDATE SET file=excluded.file, line=excluded.line, name=excluded.name, parts=excluded.parts",
                        (h, python, d.file, d.line, d.name, _dumps(d.parts)))
             ids[h] = db.execute("SELECT id FROM code WHERE hash = ?", (h,)).fetchone()[0]
+        # the row is replaced whole: its quick token goes (set again once its files have settled)
         db.executemany("INSERT OR REPLACE INTO made(key, fp, name, code, rec, made_at, accepted) VALUES (?,?,?,?,?,?,?)",
                        [(bytes.fromhex(r.key), bytes.fromhex(r.fingerprint), r.name, ids.get(r.code), _encode_rec(r),
                          int(r.made_at), int(accepted or r.accepted)) for r in records])
@@ -332,9 +308,12 @@ class StateStore:
             self._task_rows(db, num, tasks)
 
     def write_batch(self, run_id: Optional[str], tasks: Sequence[RunTask], made: Sequence[MadeRecord],
-                    memo: Optional[HashMemo] = None, packed: Sequence[bytes] = ()) -> None:
+                    memo: Optional[HashMemo] = None, packed: Sequence[bytes] = (),
+                    quick: Sequence[Tuple[bytes, bytes, bytes]] = ()) -> None:
         """One transaction for a batch of ended tasks: their history rows (or `packed` batches of
-        them), the made records of those that FINISHED, and the memo's new hashes."""
+        them), the made records of those that FINISHED, the memo's new hashes, and `quick` tokens
+        (token, key, fingerprint) of records found up to date by content: set only where the record
+        still has that fingerprint (another pipeline may have made the task again meanwhile)."""
         num = self._num(run_id) if run_id is not None and (tasks or packed) else None
         with self._write() as db:
             if num is not None:
@@ -344,6 +323,8 @@ class StateStore:
                 self._made_rows(db, made)
             if memo is not None:
                 self._memo_rows(db, memo)
+            if quick:
+                db.executemany("UPDATE made SET quick = ? WHERE key = ? AND fp = ?", quick)
 
     def end_run(self, run_id: str, counts: Optional[Mapping[str, int]] = None) -> None:
         """Close a run; `counts` by status (default: counted from its recorded tasks; pass them to
@@ -394,5 +375,4 @@ class StateStore:
         return sorted(out, key=lambda t: t.seq) if len(out) > len(rows) else out
 
 
-__all__ = ["StateStore", "state_path", "keep_runs", "STATE_ENV", "KEEP_ENV", "DEFAULT_STATE_PATH",
-           "DEFAULT_KEEP", "DEFAULT_LOG_DIR", "STATE_FILE"]
+__all__ = ["StateStore"]

@@ -12,21 +12,19 @@ import hashlib
 import logging
 import os
 import stat
-import sys
 import threading
 import time
-from collections import Counter
+from collections import deque
 from pathlib import Path, PosixPath, PurePosixPath
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..BuildMode import BuildMode
 from ..TaskStatus import TaskStatus, TERMINAL_STATES
 from .files import HashMemo, _file_hash, content_hash, norm_path
 from .hashing import code_hash
-from .codec import encode_history
 from .records import Decision, MadeRecord, snapshot
 from .store import StateStore
-from .values import args_digest
+from .values import RACY_WINDOW, call_digest, call_text
 
 log = logging.getLogger("depio.state")
 
@@ -62,7 +60,8 @@ def inputs_of(task) -> List[Path]:
 
 class TaskState:
     """One run's (or dry run's, or accept's) view of the store. Records, fingerprints and the memo
-    load on first use: a run of IF_MISSING tasks that makes no products reads none of them."""
+    load on first use: a run of IF_MISSING tasks that makes no products reads none of them. (Not in a
+    thread of their own while the pipeline validates: the 200,000 rows' GIL hand-offs slowed both.)"""
 
     def __init__(self, store: StateStore, decision: Optional[Decision] = None):
         self.store = store
@@ -74,7 +73,11 @@ class TaskState:
         self._cwd = os.getcwd()
         self._cwd_slash = self._cwd.rstrip("/") + "/"
         self._paths: Dict[str, Tuple[str, str]] = {}
-        self._known: Dict[str, str] = {}       # absolute path -> hash, of products of tasks skipped in this run
+        self._known: Dict[str, str] = {}       # shown path -> hash, of products of tasks skipped in this run
+        self._quicks: Optional[frozenset] = None
+        self._stamped: Dict[str, str] = {}     # shown path -> stamp, of products of tasks skipped in this run
+        self._last_code: Tuple[object, str] = (None, "")
+        self.settled: Deque[Tuple[bytes, bytes, bytes]] = deque()   # (token, key, fingerprint): for the recorder
 
     @classmethod
     def open(cls, env: Optional[Mapping[str, str]] = None) -> Optional["TaskState"]:
@@ -101,16 +104,12 @@ class TaskState:
                     self._fps = dict(self.store._read("SELECT key, fp FROM made"))
         return self._fps
 
-    def prefetch(self) -> None:
-        """Load the fingerprints and the memo in a thread of their own, while the pipeline validates
-        (the first decision waits for them)."""
-        def load() -> None:
-            try:
-                self._fingerprints()
-                self.memo
-            except Exception as e:        # the decision loads again, and reports what fails then
-                log.debug("prefetching the state failed: %s", e)
-        threading.Thread(target=load, name="depio-state-prefetch", daemon=True).start()
+    def _quick_tokens(self) -> frozenset:
+        if self._quicks is None:
+            with self._lock:
+                if self._quicks is None:
+                    self._quicks = self.store.quick_tokens()
+        return self._quicks
 
     def _code_hashes(self) -> Dict[str, Optional[str]]:
         if self._codes is None:
@@ -144,50 +143,189 @@ class TaskState:
         return _file_hash(path, st, self.memo)
 
     def check_changed(self, task) -> Optional[str]:
-        """IF_CHANGED's whole decision past NEVER/ALWAYS (missing products included), fast: the
-        fingerprint `snapshot` would give, computed with a stat per file and none for a file that a
-        task skipped in this run made (it cannot have changed since: its hash is known). A difference
-        goes to `why_changed` to be named."""
-        place, content, known = self._place, self._content, self._known
-        products, missing = [], None
-        for p in task.products:
-            shown, path = place(p)
+        """IF_CHANGED's whole decision past NEVER/ALWAYS (missing products included). First by stat
+        alone: the task's quick token (its fingerprint with each file's stamp for its content hash)
+        against the one recorded once its files had settled; that reads no content and no memo. Then by
+        content (`_check_content`), which leaves the token for the next run when the task is up to date."""
+        quick = self.quick_token(task)
+        if type(quick) is str:
+            return quick
+        token, names, made, deps = quick
+        if token is not None and token in self._quick_tokens():
+            stamped = self._stamped
+            for shown, stamp in made:
+                stamped[shown] = stamp
+            return None
+        key = hashlib.blake2b(("P\0" + names).encode("utf-8", "surrogateescape"), digest_size=16).digest()
+        reason = self._check_content(task, key)
+        if reason is None:
+            self._stamped.update(made)
+            if token is not None and self._settled(made) and self._settled(deps):
+                self.settled.append((token, key, self._fingerprints()[key]))
+        return reason
+
+    def quick_token(self, task) -> Union[str, Tuple[Optional[bytes], str, tuple, tuple]]:
+        """(quick token, the products' shown names, ((shown, stamp) of each product), ((shown, stamp) of
+        each input)), or the reason a product is missing. A stamp is a file's "size.mtime_ns.inode" (what
+        the memo trusts a content hash by); the token is None when a product or input is a directory (its
+        stat does not follow its files). The token covers the names, so it is looked up alone (16 bytes:
+        no two of a store's tokens meet by chance). A product of a task skipped in this run is not
+        stat'ed again."""
+        products = task.products
+        if len(products) == 1:
+            p = products[0]
+            shown = os.fspath(p)
+            if shown[:1] != "/" and ".." not in shown and type(p) in _PLAIN_PATHS:     # `_place`, inline
+                path = self._cwd_slash + shown
+            else:
+                shown, path = self._place(p)
             try:
-                products.append((shown, path, content(path, os.stat(path))))
+                st = os.stat(path)
             except (FileNotFoundError, NotADirectoryError):
-                missing = missing or []
-                missing.append(p)
-        if missing:
-            return f"product missing: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
-        deps = {}
+                return f"product missing: {products[0]}"
+            if stat.S_ISDIR(st.st_mode):
+                return None, shown, (), ()
+            stamp = f"{st.st_size}.{st.st_mtime_ns}.{st.st_ino}"
+            made, made_text = ((shown, stamp),), f"{shown}\0{stamp}"
+        else:
+            made = self._product_stamps(products)
+            if type(made) is str:
+                return made
+            shown = "\0".join(shown for shown, _ in made)
+            if any(stamp is None for _, stamp in made):
+                return None, shown, (), ()
+            made_text = "\1".join(f"{p}\0{d}" for p, d in made)
         inputs = task.path_dependencies
         if inputs is None or len(inputs) != len(task.dependencies):     # a task in depends_on: its products
             inputs = inputs_of(task)
-        for p in inputs:
-            shown, path = place(p)
-            h = known.get(path)
-            if h is None:
-                try:
-                    h = content(path, os.stat(path))
-                except (FileNotFoundError, NotADirectoryError):
-                    h = None
-            deps[shown] = h
-        if len(products) == 1:
-            shown, _, h = products[0]
-            made, names = f"{shown}\0{h}", shown
+        if len(inputs) == 1:
+            s = os.fspath(inputs[0])
+            stamp = self._stamped.get(s)
+            deps = ((s, stamp),) if stamp is not None else (self._input_stamp(inputs[0]),)
+            deps_text = "%s\0%s" % deps[0]
         else:
-            pairs = sorted({shown: h for shown, _, h in products}.items())
-            made, names = "\1".join(f"{p}\0{d}" for p, d in pairs), "\0".join(p for p, _ in pairs)
-        key = hashlib.blake2b(("P\0" + names).encode("utf-8", "surrogateescape"), digest_size=16).digest()
-        text = "\2".join((code_hash(task.func)[0],
-                          "\1".join(f"{p}\0{d or '-'}" for p, d in sorted(deps.items())),
-                          args_digest(task.cleaned_args), made))
-        if self._fingerprints().get(key) == hashlib.blake2b(text.encode("utf-8", "surrogateescape"),
-                                                            digest_size=8).digest():
-            for _, path, h in products:
-                known[path] = h
+            deps = tuple(sorted(dict(self._input_stamp(p) for p in inputs).items()))
+            deps_text = "\1".join(f"{p}\0{d}" for p, d in deps)
+        if deps and (deps[0][1] is None or any(stamp is None for _, stamp in deps)):
+            return None, shown, made, deps
+        func = task.func
+        last, code = self._last_code
+        if func is not last:
+            code = code_hash(func)[0]
+            self._last_code = (func, code)
+        args = call_text(task)
+        text = "\2".join((code, deps_text, args if args is not None else "\3" + call_digest(task), made_text))
+        return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).digest(), shown, made, deps
+
+    def _product_stamps(self, products) -> Union[str, tuple]:
+        """((shown, stamp or None for a directory), ...) sorted, or the missing-product reason."""
+        found, missing = {}, []
+        for p in products:
+            shown, path = self._place(p)
+            try:
+                st = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                missing.append(p)
+                continue
+            found[shown] = None if stat.S_ISDIR(st.st_mode) else f"{st.st_size}.{st.st_mtime_ns}.{st.st_ino}"
+        if missing:
+            return f"product missing: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        return tuple(sorted(found.items()))
+
+    def _input_stamp(self, p) -> Tuple[str, Optional[str]]:
+        """(shown path, stamp: "-" when missing, None for a directory) of an input."""
+        s = os.fspath(p)
+        stamp = self._stamped.get(s)          # a string equal to a shown path names that same file
+        if stamp is not None:
+            return s, stamp
+        shown, path = self._place(p)
+        stamp = self._stamped.get(shown)
+        if stamp is None:
+            try:
+                st = os.stat(path)
+                stamp = None if stat.S_ISDIR(st.st_mode) else f"{st.st_size}.{st.st_mtime_ns}.{st.st_ino}"
+            except (FileNotFoundError, NotADirectoryError):
+                stamp = "-"
+        return shown, stamp
+
+    def _settled(self, stamps: Sequence[Tuple[str, str]]) -> bool:
+        """Whether every file of these stamps is older than the racy window (then a stamp can only
+        change with the file: a token may be kept)."""
+        now = time.time_ns()
+        window = RACY_WINDOW * 1e9
+        for _, stamp in stamps:
+            if stamp != "-" and abs(now - int(stamp.split(".")[1])) < window:
+                return False
+        return True
+
+    def _check_content(self, task, key: bytes) -> Optional[str]:
+        """IF_CHANGED by content: the fingerprint `snapshot` would give, computed with the memo, and
+        without a stat for a file that a task skipped in this run made (its hash is known). A
+        difference goes to `why_changed` to be named."""
+        place, known, entries = self._place, self._known, self.memo.entries
+        products = task.products
+        if len(products) == 1:
+            shown, path = place(products[0])
+            try:
+                st = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return f"product missing: {products[0]}"
+            e = entries.get(path)
+            h = e[3] if e is not None and e[0] == st.st_size and e[1] == st.st_mtime_ns and e[2] == st.st_ino \
+                else self._content(path, st)
+            made, names, made_paths = f"{shown}\0{h}", shown, ((shown, h),)
+        else:
+            made, names, made_paths = self._products_made(products)
+            if made_paths is None:
+                return made
+        inputs = task.path_dependencies
+        if inputs is None or len(inputs) != len(task.dependencies):     # a task in depends_on: its products
+            inputs = inputs_of(task)
+        if len(inputs) == 1:
+            shown, h = self._input(inputs[0])
+            deps = f"{shown}\0{h or '-'}"
+        else:
+            hashes = dict(self._input(p) for p in inputs)
+            deps = "\1".join(f"{p}\0{d or '-'}" for p, d in sorted(hashes.items()))
+        text = "\2".join((code_hash(task.func)[0], deps, call_digest(task), made))
+        fp = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+        if self._fingerprints().get(key) == fp:
+            for shown, h in made_paths:
+                known[shown] = h
             return None
         return self.why_changed(task)
+
+    def _products_made(self, products) -> Tuple[str, str, Optional[tuple]]:
+        """(made text, names, ((shown, hash), ...)) of several products, or (the missing reason, "", None)."""
+        found, missing = {}, []
+        for p in products:
+            shown, path = self._place(p)
+            try:
+                found[shown] = (path, self._content(path, os.stat(path)))
+            except (FileNotFoundError, NotADirectoryError):
+                missing.append(p)
+        if missing:
+            return (f"product missing: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""),
+                    "", None)
+        pairs = sorted(found.items())
+        return ("\1".join(f"{shown}\0{h}" for shown, (_, h) in pairs), "\0".join(shown for shown, _ in pairs),
+                tuple((shown, h) for shown, (_, h) in pairs))
+
+    def _input(self, p) -> Tuple[str, Optional[str]]:
+        """(shown path, content hash or None when missing) of an input. A product of a task skipped in
+        this run is known by its shown path (a string that equals a shown path names that same file)."""
+        s = os.fspath(p)
+        h = self._known.get(s)
+        if h is not None:
+            return s, h
+        shown, path = self._place(p)
+        h = self._known.get(shown)
+        if h is None:
+            try:
+                h = self._content(path, os.stat(path))
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+        return shown, h
 
     def why_changed(self, task) -> Optional[str]:
         """IF_CHANGED's reason beyond a missing product (None: up to date). The fast path compares
@@ -218,119 +356,4 @@ class TaskState:
         return [(t, why) for t, (_, why) in zip(tasks, done)]
 
 
-class Recorder:
-    """One run's history and made records, written in batched transactions from a thread of its
-    own (every INTERVAL seconds, and once more at the end: `finish()` starts that last pass while the
-    pipeline stops its workers, `close()` waits for it), so that recording stays off the scheduler's
-    and the pipeline loop's way; the history goes packed (`codec.encode_history`). Only a task that
-    ended FINISHED is recorded as made; SKIPPED tasks are counted, not listed (an up-to-date run of
-    100,000 tasks writes one row)."""
-
-    INTERVAL = 2.0          # seconds between transactions at most: what a kill -9 may lose (those tasks rerun)
-    BATCH = 5000            # tasks per transaction at most
-
-    def __init__(self, state: TaskState, tasks: Sequence, log_dir: Optional[os.PathLike] = None,
-                 script: Optional[str] = None):
-        self.state, self.tasks = state, tasks
-        if script is None:
-            script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-c") else ""
-        self.run_id = state.store.begin_run(script, log_dir=log_dir)
-        self.t0 = state.store.run(self.run_id)["start"]
-        self.todo = list(range(len(tasks)))
-        self.skipped = self.pending = 0
-        self.packed: List[bytes] = []          # history batches not written yet
-        self.made: List[MadeRecord] = []
-        self.last = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="depio-state-recorder", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.INTERVAL):
-            self.poll()
-        self.poll(final=True)
-        if self.failed:
-            return
-        counts = Counter(t._status.name for t in self.tasks if t._status is not SKIPPED)
-        if self.skipped:
-            counts["SKIPPED"] = self.skipped
-        try:
-            self.state.store.end_run(self.run_id, dict(counts))
-        except Exception as e:
-            log.warning("cannot end the run's record in %s: %s", self.state.store.path, e)
-
-    @classmethod
-    def start(cls, state: Optional[TaskState], tasks: Sequence, log_dir: Optional[os.PathLike] = None
-              ) -> Optional["Recorder"]:
-        """A recorder, or None when there is no store or the run cannot be begun (logged): a run goes
-        on without history rather than fail."""
-        if state is None:
-            return None
-        try:
-            return cls(state, tasks, log_dir)
-        except Exception as e:
-            log.warning("cannot record this run in %s: %s", state.store.path, e)
-            return None
-
-    def poll(self, final: bool = False) -> None:
-        """Take the tasks that ended since the last call; write a batch when one is due. A store that
-        fails (a full disk, a lock held too long) is logged once and recording stops: never the run."""
-        if self.failed:
-            return
-        try:
-            self._poll(final)
-        except Exception as e:
-            self.failed = True
-            log.warning("recording the run in %s failed, recording stops: %s", self.state.store.path, e)
-
-    failed = False
-
-    def _poll(self, final: bool) -> None:
-        tasks, terminal = self.tasks, _TERMINAL
-        done = [i for i in self.todo if tasks[i]._status in terminal]
-        if len(done) == len(self.todo):
-            self.todo = []
-        elif done:
-            gone = set(done)
-            self.todo = [i for i in self.todo if i not in gone]
-        ended = [tasks[i] for i in done if tasks[i]._status is not SKIPPED]
-        self.skipped += len(done) - len(ended)
-        if ended:
-            keys = [self._made(t) if t._status is FINISHED and (t.products or t.buildmode in STATE_MODES or t.track_code)
-                    else "" for t in ended]
-            self.packed.append(encode_history(ended, keys, self.t0))
-            self.pending += len(ended)
-        if final or self.pending >= self.BATCH or (self.packed or self.made) and \
-                time.monotonic() - self.last >= self.INTERVAL:
-            self._flush()
-
-    def _made(self, t) -> str:
-        """Record how a FINISHED task's products were made; its key ("" when it cannot be recorded)."""
-        try:
-            rec = self.state.current(t)
-        except Exception as e:       # a product deleted meanwhile, an unreadable file: not recorded
-            log.warning("cannot record how %s was made: %s", t.label, e)
-            return ""
-        self.made.append(rec)
-        return rec.key
-
-    def _flush(self) -> None:
-        memo = self.state._memo
-        if self.packed or self.made or (memo is not None and memo.dirty):
-            packed, made = self.packed, self.made
-            self.packed, self.made, self.pending = [], [], 0
-            self.state.store.write_batch(self.run_id, (), made, memo, packed=packed)
-        self.last = time.monotonic()
-
-    def finish(self) -> None:
-        """Every task has ended: write what is left and end the run with its counts by status (tasks
-        that never ended count too), in the recorder's thread."""
-        self._stop.set()
-
-    def close(self) -> None:
-        """`finish()`, and wait until it is written."""
-        self._stop.set()
-        self._thread.join()
-
-
-__all__ = ["TaskState", "Recorder", "inputs_of", "needs_state", "STATE_MODES"]
+__all__ = ["TaskState", "inputs_of", "needs_state", "STATE_MODES"]
