@@ -17,7 +17,7 @@ from .view.display import isatty, render_dry_run
 from .exceptions import (DependencyNotAvailableException, ProductAlreadyRegisteredException,
                          TaskNotInQueueException, CyclicDependencyException, TaskNotPicklableException)
 from .runtime.graph import Graph, path_key, pickle_payloads, resolve, topological_order, working_dir
-from .runtime.run import PipelineRun
+from .runtime.run import PipelineRun, frozen_heap
 from .state.tasks import STATE_MODES, TaskState
 
 log = logging.getLogger("depio.pipeline")
@@ -152,7 +152,8 @@ class Pipeline:
         executor = self._executor()
         state = TaskState.open() if self.tasks else None
         try:
-            return self._run(self.validate(), executor, state)
+            with frozen_heap():
+                return self._run(self.validate(), executor, state)
         finally:
             if state is not None:
                 self._attach(None)

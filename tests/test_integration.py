@@ -317,3 +317,23 @@ def test_long_tasks_go_to_idle_workers_not_into_a_busy_workers_queue(workdir):
     b = p.add_task(Task("b", interval, [2, 1.5], depends_on=[first]))
     assert p.run() == 0
     assert overlaps([a.result, b.result])
+
+
+def test_a_run_keeps_the_collector_off_its_tasks_and_gives_the_heap_back(workdir):
+    import gc
+    seen = []
+
+    def look():
+        seen.append(gc.get_freeze_count())
+
+    p = Pipeline(SequentialExecutor(), quiet=True)
+    p.add_task(Task("look", look))
+    assert p.run() == 0
+    assert seen[0] > 0 and gc.get_freeze_count() == 0      # frozen while it ran (the task ran in this process)
+    gc.freeze()                                             # someone else's frozen heap is left as it is
+    try:
+        p = Pipeline(SequentialExecutor(), quiet=True)
+        p.add_task(Task("look", look))
+        assert p.run() == 0 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
