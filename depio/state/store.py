@@ -251,14 +251,6 @@ class StateStore:
             with self._write() as db:
                 self._memo_rows(db, memo)
 
-    def prune_memo(self) -> int:
-        """Drop entries of files that no longer exist (a stat each: call it now and then)."""
-        gone = [(p,) for (p,) in self._read("SELECT path FROM hash_memo")
-                if not os.path.exists(os.path.join(self.base, p))]
-        with self._write() as db:
-            db.executemany("DELETE FROM hash_memo WHERE path = ?", gone)
-        return len(gone)
-
     # ------------------------------------------------------------ runs
     def begin_run(self, script: str = "", cwd: Optional[str] = None, run_id: Optional[str] = None,
                   log_dir: Optional[os.PathLike] = None, keep: Optional[int] = None) -> str:

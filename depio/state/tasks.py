@@ -88,35 +88,29 @@ class TaskState:
     def close(self) -> None:
         self.store.close()
 
+    def _lazy(self, name: str, load):
+        """The attribute `name`, loaded on first use (the scheduler decides while the recorder records)."""
+        with self._lock:
+            value = getattr(self, name)
+            if value is None:
+                value = load()
+                setattr(self, name, value)
+        return value
+
     @property
     def memo(self) -> HashMemo:
-        if self._memo is None:
-            with self._lock:
-                if self._memo is None:
-                    self._memo = self.store.load_memo()
-        return self._memo
+        return self._memo if self._memo is not None else self._lazy("_memo", self.store.load_memo)
 
     def _fingerprints(self) -> Dict[bytes, bytes]:
         """{key: fingerprint} as the store keeps them (bytes: no conversion of 100,000 rows)."""
-        if self._fps is None:
-            with self._lock:
-                if self._fps is None:
-                    self._fps = dict(self.store._read("SELECT key, fp FROM made"))
-        return self._fps
+        return self._fps if self._fps is not None else \
+            self._lazy("_fps", lambda: dict(self.store._read("SELECT key, fp FROM made")))
 
     def _quick_tokens(self) -> frozenset:
-        if self._quicks is None:
-            with self._lock:
-                if self._quicks is None:
-                    self._quicks = self.store.quick_tokens()
-        return self._quicks
+        return self._quicks if self._quicks is not None else self._lazy("_quicks", self.store.quick_tokens)
 
     def _code_hashes(self) -> Dict[str, Optional[str]]:
-        if self._codes is None:
-            with self._lock:
-                if self._codes is None:
-                    self._codes = self.store.code_hashes()
-        return self._codes
+        return self._codes if self._codes is not None else self._lazy("_codes", self.store.code_hashes)
 
     def current(self, task, hash_inputs: bool = True) -> MadeRecord:
         """What the task's products would be made from now (products hashed as they are)."""
