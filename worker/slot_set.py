@@ -13,7 +13,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 import zmq
 
 from depio.runtime.protocol import TaskSpec
-from depio.runtime.resources import gpu_ids, split_gpus
+from depio.runtime.offers import gpu_ids, split_gpus
 
 from .slots import Slot, SlotStarter, slot_context, stop_slots
 

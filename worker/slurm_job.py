@@ -8,7 +8,7 @@ stdout and stderr are the submitit job's files (inherited), and Slurm's signals 
 A per-task job is a one-slot worker pinned to its task attempt (`--pin TOKEN`): its offer names the
 pin, so the dispatcher gives it that task and no other, and it leaves once the task's result is
 sent. A pilot streams tasks until idle, told to leave, or near its walltime (`--walltime`). Both
-offer what their job holds (`depio.runtime.resources.slurm_offer`: CPUs, GPUs, memory, partition).
+offer what their job holds (`depio.runtime.offers.slurm_offer`: CPUs, GPUs, memory, partition).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from collections import deque
 from typing import List, Optional
 
 from depio.runtime import protocol as P
-from depio.runtime.resources import slurm_offer
+from depio.runtime.offers import slurm_offer
 
 from .main import Worker, install_stop_signals, read_key
 

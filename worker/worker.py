@@ -22,9 +22,8 @@ from typing import Deque, Dict, List, Optional, Tuple
 import zmq
 
 from depio.runtime import protocol as P
-from depio.runtime.inbox import drain_pipe
 from depio.runtime.protocol import TaskSpec
-from depio.runtime.resources import local_offer
+from depio.runtime.offers import local_offer
 
 from .connection import DispatcherConnection
 from .credits import Credits
@@ -43,6 +42,15 @@ DEFAULT_LIVENESS = 3
 DEFAULT_KILL_GRACE = 2.0    # seconds between SIGTERM and SIGKILL for a cancelled task
 # plain ints: pyzmq's flag enums cost a Python-level call on every `&` of the event loop
 _POLLIN, _POLLOUT, _POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)
+
+
+def _drain(fd: int) -> None:
+    """Read the non-blocking wake-up pipe empty (not inbox's `drain_pipe`: a worker imports no inbox)."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:
+        pass
 
 
 def register_message(w: "Worker") -> P.Register:
@@ -242,7 +250,7 @@ class Worker:
                         if ev & (_POLLIN | _POLLERR) and self.slots[slot.index] is slot:
                             self._on_slot_readable(slot)
                 if self.wake_r in events:
-                    drain_pipe(self.wake_r)
+                    _drain(self.wake_r)
                 if self.conn.sock in events:
                     self._drain_socket()
                 self._check_timeouts()
