@@ -127,8 +127,10 @@ class Pipeline:
     # ------------------------------------------------------------ running
     def _executor(self) -> AbstractTaskExecutor:
         ex = self.depioExecutor
-        if ex is None or (type(ex) is ParallelExecutor and ex.internal_executor is None):
-            # DEPIO_POOL=name: an unchanged script runs on that pool instead of local workers
+        if (ex is None or (type(ex) is ParallelExecutor and ex.internal_executor is None)) and \
+                os.environ.get("DEPIO_POOL", "").strip():
+            # DEPIO_POOL=name: an unchanged script runs on that pool instead of local workers (the
+            # pool package is imported only then: a run's start waits for every module it imports)
             from .pool.executor import executor_from_environment
             pooled = executor_from_environment()
             if pooled is not None:
