@@ -58,6 +58,11 @@ def inputs_of(task) -> List[Path]:
     return out
 
 
+def _stamp(path: str, st: os.stat_result) -> Optional[str]:
+    """What a quick token holds of a file: "size.mtime_ns.inode" (None for a directory)."""
+    return None if stat.S_ISDIR(st.st_mode) else f"{st.st_size}.{st.st_mtime_ns}.{st.st_ino}"
+
+
 class TaskState:
     """One run's (or dry run's, or accept's) view of the store. Records, fingerprints and the memo
     load on first use: a run of IF_MISSING tasks that makes no products reads none of them. (Not in a
@@ -221,26 +226,14 @@ class TaskState:
             except (FileNotFoundError, NotADirectoryError):
                 missing.append(p)
                 continue
-            found[shown] = None if stat.S_ISDIR(st.st_mode) else f"{st.st_size}.{st.st_mtime_ns}.{st.st_ino}"
+            found[shown] = _stamp(path, st)
         if missing:
             return f"product missing: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
         return tuple(sorted(found.items()))
 
     def _input_stamp(self, p) -> Tuple[str, Optional[str]]:
         """(shown path, stamp: "-" when missing, None for a directory) of an input."""
-        s = os.fspath(p)
-        stamp = self._stamped.get(s)          # a string equal to a shown path names that same file
-        if stamp is not None:
-            return s, stamp
-        shown, path = self._place(p)
-        stamp = self._stamped.get(shown)
-        if stamp is None:
-            try:
-                st = os.stat(path)
-                stamp = None if stat.S_ISDIR(st.st_mode) else f"{st.st_size}.{st.st_mtime_ns}.{st.st_ino}"
-            except (FileNotFoundError, NotADirectoryError):
-                stamp = "-"
-        return shown, stamp
+        return self._input_value(p, self._stamped, _stamp, "-")
 
     def _settled(self, stamps: Sequence[Tuple[str, str]]) -> bool:
         """Whether every file of these stamps is older than the racy window (then a stamp can only
@@ -306,20 +299,25 @@ class TaskState:
                 tuple((shown, h) for shown, (_, h) in pairs))
 
     def _input(self, p) -> Tuple[str, Optional[str]]:
-        """(shown path, content hash or None when missing) of an input. A product of a task skipped in
-        this run is known by its shown path (a string that equals a shown path names that same file)."""
+        """(shown path, content hash or None when missing) of an input."""
+        return self._input_value(p, self._known, self._content, None)
+
+    def _input_value(self, p, known: Dict[str, str], value_of, missing) -> Tuple[str, Optional[str]]:
+        """(shown path, its value in `known` or `value_of(path, stat)`, or `missing`). A product of a
+        task skipped in this run is in `known` by its shown path (a string equal to one names that
+        same file), and is not stat'ed again."""
         s = os.fspath(p)
-        h = self._known.get(s)
-        if h is not None:
-            return s, h
+        value = known.get(s)
+        if value is not None:
+            return s, value
         shown, path = self._place(p)
-        h = self._known.get(shown)
-        if h is None:
+        value = known.get(shown)
+        if value is None:
             try:
-                h = self._content(path, os.stat(path))
+                value = value_of(path, os.stat(path))
             except (FileNotFoundError, NotADirectoryError):
-                pass
-        return shown, h
+                value = missing
+        return shown, value
 
     def why_changed(self, task) -> Optional[str]:
         """IF_CHANGED's reason beyond a missing product (None: up to date). The fast path compares
