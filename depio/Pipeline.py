@@ -161,10 +161,18 @@ class Pipeline:
                 self._attach(None)
                 state.close()
 
+    _attached: Sequence[Task] = ()
+
     def _attach(self, state: Optional[TaskState]) -> None:
-        """Give the tasks whose build mode reads the store its view (None: take it back)."""
-        for t in self.tasks:
-            if t.buildmode in STATE_MODES or t.track_code:
+        """Give the tasks whose build mode reads the store its view (None: take it back from them,
+        without looking at every task again while the run ends)."""
+        if state is None:
+            for t in self._attached:
+                t._state = None
+            self._attached = ()
+        else:
+            self._attached = [t for t in self.tasks if t.buildmode in STATE_MODES or t.track_code]
+            for t in self._attached:
                 t._state = state
 
     def _run(self, g: Graph, executor: AbstractTaskExecutor, state: Optional[TaskState]) -> int:

@@ -54,7 +54,7 @@ class Recorder:
         self.poll(final=True)
         if self.failed:
             return
-        counts = Counter(t._status.name for t in self.tasks if t._status is not SKIPPED)
+        counts = Counter(t._status._name_ for t in self.tasks if t._status is not SKIPPED)   # `.name`: Python code
         if self.skipped:
             counts["SKIPPED"] = self.skipped
         try:
