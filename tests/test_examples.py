@@ -71,8 +71,12 @@ def test_readme_sections():
         assert dep in text.split("## Dependencies", 1)[1], dep
 
 
+# run (and run again, to see them skip) by tests/test_integration.py's README test: not twice here
+RUN_ELSEWHERE = {"examples/decorator_demo.py", "examples/functional_demo.py", "examples/dag_demo.py"}
+
+
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("example", [p for p in paired_examples() if p not in SLURM_EXAMPLES])
+@pytest.mark.parametrize("example", [p for p in paired_examples() if p not in SLURM_EXAMPLES | RUN_ELSEWHERE])
 def test_example_runs(example, workdir):
     r = run_script(ROOT / example, workdir, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -80,16 +84,6 @@ def test_example_runs(example, workdir):
     assert "\033[" not in r.stdout                  # not a terminal: no escape codes
     if "dry_run" not in example:
         assert r.stdout.rstrip().endswith("All jobs done! Exit.") or "logs_demo" in example, r.stdout
-
-
-@pytest.mark.timeout(150)
-def test_main_example_twice_skips_up_to_date_tasks(workdir):
-    r1 = run_script(ROOT / "examples/decorator_demo.py", workdir, timeout=120)
-    assert r1.returncode == 0, r1.stdout + r1.stderr
-    r2 = run_script(ROOT / "examples/decorator_demo.py", workdir, timeout=120)
-    assert r2.returncode == 0, r2.stdout + r2.stderr
-    final = r2.stdout[r2.stdout.rindex("Tasks:"):]
-    assert final.count("SKIPPED") == 2 and "FINISHED" not in final
 
 
 @pytest.mark.slurm

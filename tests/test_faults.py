@@ -688,13 +688,18 @@ def test_rogue_flood_does_not_disturb_a_pipeline_and_is_never_unpickled(workdir,
                 s.connect(address)
                 socks[name] = s
             frames = rogue_frames(random.Random(1234), marker, P.new_key())
-            for i in range(n_frames):
+            # n_frames at least, and on until a square has run: on one core, the OS may run the flood
+            # to its end before any worker process gets the CPU (that would say nothing of depio)
+            deadline, i = time.monotonic() + 60, 0
+            while i < n_frames or (i < 5 * n_frames and time.monotonic() < deadline and not (
+                    i % 1000 == 0 and any(Path(workdir, f"sq{k}.txt").exists() for k in range(300)))):
                 name = "worker" if i % 2 else "client"
                 socks[name].send_multipart(next(frames))
                 sent[name] += 1
                 if i == 2000:
                     Path(workdir, "rogue-started").write_text("")
-            wait_for(lambda: sum(d.bad_messages.values()) >= n_frames, 60, "the dispatcher to drop the flood")
+                i += 1
+            wait_for(lambda: sum(d.bad_messages.values()) >= i, 60, "the dispatcher to drop the flood")
             for s in socks.values():
                 s.close()
         except BaseException as e:
@@ -717,8 +722,8 @@ def test_rogue_flood_does_not_disturb_a_pipeline_and_is_never_unpickled(workdir,
     during = sum(1 for t in squares if t.start_time < flood_over[0])
     assert during > 0, "no task ran during the flood"
     d = ex.backend.dispatcher
-    assert sent["worker"] + sent["client"] == n_frames
-    assert sum(d.bad_messages.values()) >= n_frames, d.bad_messages
+    assert sent["worker"] + sent["client"] >= n_frames
+    assert sum(d.bad_messages.values()) >= sent["worker"] + sent["client"], d.bad_messages
     assert rogue_loads == [] and not os.path.exists(marker)
     assert d.workers_lost == 0 and len(d.refusals) <= 2      # one plain refusal per rogue peer at most
     dropped_logs = [r for r in caplog.records if "dropped a bad message" in r.getMessage()]

@@ -28,6 +28,7 @@ EXAMPLES = ROOT / "examples"
 def test_readme_examples_run_non_interactively_and_rerun_skips(workdir, name, rows):
     r = run_script(EXAMPLES / name, workdir)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
     assert "\033[" not in r.stdout                       # no escape codes into a pipe
     table = r.stdout[r.stdout.rindex("Tasks:"):]
     assert "Slurm ID" in table and "Path Deps." in table and table.rstrip().endswith("All jobs done! Exit.")
