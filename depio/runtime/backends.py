@@ -173,22 +173,14 @@ class DispatcherBackend(Backend):
                 P.TaskReturned(f.key, f.attempt, "its predecessor was cancelled") for f in back)))
 
     def _start(self) -> None:
-        from .client import DispatcherClient
-        from .dispatcher import Dispatcher
         # called in the scheduler actor's thread: that thread runs the dispatcher (or the connection
         # to a pool) too, while it waits for messages
         inbox = getattr(self.scheduler, "actor_inbox", None)
         driven = isinstance(inbox, DispatchingInbox) and threading.get_ident() == inbox.owner
         if self.pool_address is None:
-            self.dispatcher = Dispatcher(self.key, self.bind_address, heartbeat=self.heartbeat,
-                                         liveness=self.liveness, remote_clients=False)
-            if driven:
-                self.dispatcher.start(threaded=False, wake_pipe=inbox.wake_pipe)
-                inbox.attach(self.dispatcher)
-            else:
-                self.dispatcher.start()
-            self.client = self.dispatcher.attach_local(self.name, self._deliver)
+            self._start_dispatcher(inbox if driven else None)
         else:
+            from .client import DispatcherClient
             self.client = DispatcherClient(self.pool_address, self.key, self.name, self._deliver, self._lost,
                                            heartbeat=self.heartbeat, liveness=self.liveness)
             if driven:
@@ -196,10 +188,35 @@ class DispatcherBackend(Backend):
                 inbox.attach(self.client)
             else:
                 self.client.start()
-        if self.launcher is not None:
-            self.launcher.on_all_gone = self._lost
-            self.launcher.start(self.dispatcher.worker_address if self.dispatcher else self.pool_address, self.key)
+            if self.launcher is not None:
+                self._launch(self.pool_address)
         self._started = True
+
+    def _start_dispatcher(self, inbox: Optional[DispatchingInbox]) -> None:
+        """Our own dispatcher. Its worker socket is bound and the workers started first: a worker's
+        interpreter takes ~0.1 s to start, during which this thread imports and builds the rest."""
+        import zmq
+        from .wire import bind_router
+        socket = bind_router(zmq.Context.instance(), self.bind_address)
+        try:
+            if self.launcher is not None:
+                self._launch(socket.getsockopt(zmq.LAST_ENDPOINT).decode())
+            from .dispatcher import Dispatcher
+            self.dispatcher = Dispatcher(self.key, self.bind_address, heartbeat=self.heartbeat,
+                                         liveness=self.liveness, remote_clients=False, worker_socket=socket)
+        except BaseException:
+            socket.close(linger=0)
+            raise
+        if inbox is not None:
+            self.dispatcher.start(threaded=False, wake_pipe=inbox.wake_pipe)
+            inbox.attach(self.dispatcher)
+        else:
+            self.dispatcher.start()
+        self.client = self.dispatcher.attach_local(self.name, self._deliver)
+
+    def _launch(self, address: str) -> None:
+        self.launcher.on_all_gone = self._lost
+        self.launcher.start(address, self.key)
 
     def _deliver(self, msg: object) -> None:
         """What the dispatcher sends this pipeline (from its thread, or the pool client's): reports

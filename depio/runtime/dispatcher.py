@@ -55,7 +55,8 @@ class Dispatcher(DrivenLoop):
 
     def __init__(self, key: bytes, worker_address: str = "tcp://127.0.0.1:*",
                  client_address: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
-                 context: Optional[zmq.Context] = None, name: str = "dispatcher", remote_clients: bool = True):
+                 context: Optional[zmq.Context] = None, name: str = "dispatcher", remote_clients: bool = True,
+                 worker_socket: Optional[zmq.Socket] = None):
         super().__init__()
         self.key = key
         self.heartbeat = heartbeat
@@ -71,6 +72,7 @@ class Dispatcher(DrivenLoop):
         self.refusals = self.wire.refusals
         self.workers_lost = 0
         self._worker_address_requested = worker_address
+        self._worker_socket = worker_socket      # bound by the caller (`wire.bind_router`), who started workers on it
         # `remote_clients=False` (a pipeline's own dispatcher: its one client is in this process): no
         # client socket at all, one socket less to look at on every turn of the loop
         self.remote_clients = remote_clients
@@ -132,7 +134,8 @@ class Dispatcher(DrivenLoop):
         self._wake_r, self._wake_w = os.pipe() if wake_pipe is None else wake_pipe
         os.set_blocking(self._wake_r, False)
         self._poller = self.wire.bind(self.ctx, self._worker_address_requested,
-                                      self.client_address if self.remote_clients else None, self._wake_r)
+                                      self.client_address if self.remote_clients else None, self._wake_r,
+                                      self._worker_socket)
         self._wsock, self._csock = self.wire.workers, self.wire.clients
         self.client_desk.sock = self._csock
         self.worker_address = self.wire.worker_address

@@ -69,10 +69,12 @@ class Wire:
         self._bad_peers: Set[Tuple[str, bytes]] = set()
         self._refused_peers: Set[Tuple[str, bytes]] = set()
 
-    def bind(self, ctx: zmq.Context, worker_address: str, client_address: Optional[str], wake_fd: int) -> zmq.Poller:
-        """Bind the sockets; a poller for them and the wake-up pipe's read end `wake_fd`."""
+    def bind(self, ctx: zmq.Context, worker_address: str, client_address: Optional[str], wake_fd: int,
+             worker_socket: Optional[zmq.Socket] = None) -> zmq.Poller:
+        """Bind the sockets (the worker socket only if not given, bound, as `worker_socket`); a poller
+        for them and the wake-up pipe's read end `wake_fd`."""
         poller = zmq.Poller()
-        self.workers = bind_router(ctx, worker_address)
+        self.workers = worker_socket if worker_socket is not None else bind_router(ctx, worker_address)
         self.worker_address = self.workers.getsockopt(zmq.LAST_ENDPOINT).decode()
         poller.register(self.workers, zmq.POLLIN)
         if client_address is not None:
