@@ -22,7 +22,7 @@ import sys
 import weakref
 from typing import Optional
 
-from .slot_process import die_with_parent, slot_main
+from .slot_process import die_with_parent, preload, slot_main
 
 _CLONE_PARENT = 0x00008000
 _SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(platform.machine())
@@ -88,9 +88,14 @@ class SlotProcess:
 
 class Forker:
     """The worker's handle on its fork server. Create it from the main thread while this process
-    runs no other thread (PR_SET_PDEATHSIG ties the forker to the thread that forks it)."""
+    runs no other thread (PR_SET_PDEATHSIG ties the forker to the thread that forks it). Slots are
+    forked from the forker, not this process, which may run ZeroMQ threads once the forker exists."""
 
-    def __init__(self) -> None:
+    forks_here = False
+
+    def __init__(self, first: int = 0) -> None:
+        """`first`: the slots about to be asked for. The forker forks them before it imports what
+        tasks run with (each then imports it itself, while the worker registers), later ones after."""
         ours, theirs = socket.socketpair()
         worker = os.getpid()
         pid = os.fork()
@@ -98,7 +103,7 @@ class Forker:
             code = 1
             try:
                 ours.close()
-                _serve(theirs, worker)
+                _serve(theirs, worker, first)
                 code = 0
             finally:
                 os._exit(code)
@@ -134,7 +139,7 @@ def _retire(sock: socket.socket, pid: int) -> None:
         pass
 
 
-def _serve(sock: socket.socket, worker_pid: int) -> None:
+def _serve(sock: socket.socket, worker_pid: int, first: int) -> None:
     die_with_parent()
     if os.getppid() != worker_pid:
         return
@@ -142,7 +147,10 @@ def _serve(sock: socket.socket, worker_pid: int) -> None:
     # not ignored: a SIGTERM sent to a new slot before it has set its handlers waits for them
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     signal.set_wakeup_fd(-1)
+    served = 0
     while True:
+        if served == first:
+            preload()      # the slots forked from now on have it at once
         try:
             msg, fds, _, _ = socket.recv_fds(sock, 1024, 1)
         except OSError:
@@ -157,6 +165,7 @@ def _serve(sock: socket.socket, worker_pid: int) -> None:
             continue
         if pid == 0:
             _become_slot(sock, fds[0], worker_pid, msg.decode())
+        served += 1
         os.close(fds[0])
         sock.sendall(pid.to_bytes(8, "little", signed=True))
 

@@ -16,10 +16,15 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from depio.runtime.execution import FdCapture, run_spec
 from depio.runtime.protocol import TaskSpec, as_tuple
 
 FLUSH_AFTER = 0.002     # a slot never holds a finished result longer than this (seconds)
+
+
+def preload() -> None:
+    """Import what a slot runs tasks with. The fork server calls it as it starts, so that its slots
+    have it at once, while the worker process (which runs no task) never imports it."""
+    import depio.runtime.execution  # noqa: F401
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -97,6 +102,7 @@ class ResultSender:
 def slot_main(sock: socket.socket, worker_name: str, parent_pid: int) -> None:
     """The slot's life: serve the worker's batches until it says stop or goes away."""
     signal.set_wakeup_fd(-1)           # forked: the parent's wake-up pipe is not ours to write
+    from depio.runtime.execution import FdCapture, run_spec   # (preloaded by a fork server)
     die_with_parent()
     if os.getppid() != parent_pid:     # the parent died before prctl took effect
         os._exit(1)

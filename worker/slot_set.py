@@ -36,13 +36,19 @@ class SlotSet:
         self.changed = True
         self.context_of: Optional[Callable[[int], Optional[tuple]]] = None   # a pool's: job id -> pipeline
 
-    def start(self, n: int) -> None:
-        """Start `n` slots. Call it before this process has a ZeroMQ context, and after it has set its
-        signal handlers (the slots inherit them, through the forker)."""
-        self.starter = slot_context()
+    def start(self, n: int, connect: Callable[[], None]) -> None:
+        """Start `n` slots, and call `connect()` (which opens the ZeroMQ connection) as soon as it may:
+        right after the forker exists when slots come from one (the slots then start while the
+        dispatcher reads the hello), after the slots when they are forked from this process. Call it
+        after this process has set its signal handlers (the slots inherit them)."""
+        self.starter = slot_context(first=n)
         self.gpus = split_gpus(gpu_ids(), n)        # each slot sees only its own GPUs
+        if not self.starter.forks_here:
+            connect()
         self.live[:] = [self._new(i) for i in range(n)]
         self.changed = True
+        if self.starter.forks_here:
+            connect()
 
     def renew_starter(self) -> None:
         """A new starter for the slots started from now on (a new forker: call it while this process

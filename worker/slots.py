@@ -12,10 +12,9 @@ waiting for the worker.
 """
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.connection
 import os
 import pickle
+import select
 import signal
 import socket
 import time
@@ -29,7 +28,10 @@ from .slot_process import frame, own_process_group, slot_main
 
 
 class SlotStarter(Protocol):
-    """What starts slots (see `slot_context`)."""
+    """What starts slots (see `slot_context`). `forks_here`: slots are forked from this process, so
+    it must not run ZeroMQ threads yet when they start."""
+
+    forks_here: bool
 
     def start(self, channel: socket.socket, worker_name: str): ...
 
@@ -214,17 +216,27 @@ def stop_slots(slots, grace: float) -> None:
     while pending:
         pending = [s for s in pending if not s.finish_stop(deadline)]
         if pending:      # until one exits (its sentinel becomes readable), or the grace period ends
-            multiprocessing.connection.wait([s.process.sentinel for s in pending],
-                                            max(0.0, min(0.1, deadline - time.monotonic())))
+            _wait_readable([s.process.sentinel for s in pending], max(0.0, min(0.1, deadline - time.monotonic())))
+
+
+def _wait_readable(fds: List[int], timeout: float) -> None:
+    """Until one of `fds` is readable, or `timeout` s (not multiprocessing.connection.wait: importing
+    multiprocessing costs every worker ~4 ms of its start, and on Linux it needs none)."""
+    poll = select.poll()
+    for fd in fds:
+        poll.register(fd, select.POLLIN)
+    poll.poll(timeout * 1000)
 
 
 class ProcessStarter:
     """Slots as `multiprocessing` processes of this one, started by `method` ("fork" or "spawn")."""
 
     def __init__(self, method: str) -> None:
+        import multiprocessing
         self.ctx = multiprocessing.get_context(method)
+        self.forks_here = method == "fork"
 
-    def start(self, channel: socket.socket, worker_name: str) -> multiprocessing.Process:
+    def start(self, channel: socket.socket, worker_name: str) -> "multiprocessing.Process":
         process = self.ctx.Process(target=slot_main, args=(channel, worker_name, os.getpid()),
                                    name="depio-slot", daemon=True)
         process.start()
@@ -234,10 +246,12 @@ class ProcessStarter:
         pass
 
 
-def slot_context() -> SlotStarter:
+def slot_context(first: int = 0) -> SlotStarter:
     """How slots start, decided here only. On Linux (x86-64, arm64) from a fork server (`Forker`),
     so that no slot is forked from a process running ZeroMQ threads; call it while this process has
-    no ZeroMQ context. Elsewhere by fork where it exists, spawn otherwise."""
+    no ZeroMQ context. Elsewhere by fork where it exists, spawn otherwise. `first`: how many slots
+    are about to be started (see `Forker`)."""
     if AVAILABLE:
-        return Forker()
+        return Forker(first)
+    import multiprocessing
     return ProcessStarter("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")

@@ -229,10 +229,8 @@ class Worker:
         slot_set = self.slot_set
         try:
             # inside the try: a SIGTERM while still starting (the run it was for ended already)
-            # must stop the worker as quietly as one that arrives later. Slots before the connection:
-            # their forker must be forked while no ZeroMQ thread runs.
-            slot_set.start(self.nslots)
-            self.registration.connect()
+            # must stop the worker as quietly as one that arrives later.
+            slot_set.start(self.nslots, self.registration.connect)
             while self.stopping is None:
                 if slot_set.changed:
                     poller, by_fd = slot_set.poller(self.wake_r, self.conn.sock)

@@ -51,15 +51,15 @@ def gpu_ids(env: Optional[Mapping[str, str]] = None) -> List[str]:
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
-    import shutil                  # here, not at the top: every worker imports this module and
-    import subprocess              # subprocess costs ~5 ms of its start-up; few ask nvidia-smi
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return []
-        return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
-    return []
+    import shutil                  # here, not at the top: few machines have nvidia-smi, and
+    if not shutil.which("nvidia-smi"):     # subprocess costs a worker ~4 ms of its start
+        return []
+    import subprocess
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
 def split_gpus(ids: List[str], slots: int) -> List[List[str]]:
