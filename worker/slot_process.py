@@ -65,6 +65,7 @@ class ResultSender:
         self._pending = threading.Condition(self._lock)
         self._done: List[Tuple[int, Optional[tuple]]] = []
         self._since = 0.0
+        self._armed = False        # the flusher is in a timed wait: it looks again within FLUSH_AFTER
         threading.Thread(target=self._flush_late, name="depio-slot-results", daemon=True).start()
 
     def add(self, jid: int, result: Optional[tuple], last: bool) -> None:
@@ -75,8 +76,11 @@ class ResultSender:
             self._done.append((jid, result))
             if last or time.monotonic() - self._since >= FLUSH_AFTER:
                 self._send()
-            elif len(self._done) == 1:
-                self._pending.notify()     # only results held back need the flusher (not a batch of one)
+            elif not self._armed:
+                # wake the flusher only when it sleeps for good: waking it for every batch of short
+                # tasks cost each one a thread switch (a third of a noop task's time)
+                self._armed = True
+                self._pending.notify()
 
     def _send(self) -> None:
         self._sock.sendall(frame(("done", self._done)))
@@ -87,10 +91,12 @@ class ResultSender:
         with self._lock:
             while True:
                 if not self._done:
+                    self._armed = False
                     self._pending.wait()
                     continue
                 left = self._since + FLUSH_AFTER - time.monotonic()
                 if left > 0:
+                    self._armed = True
                     self._pending.wait(left)
                     continue
                 try:
