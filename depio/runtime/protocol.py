@@ -1,15 +1,14 @@
 """The wire protocol between pipelines (clients), the dispatcher and workers.
 
-Every message is a small frozen dataclass. On the wire it is four ZeroMQ frames:
+Every message is a small frozen dataclass (`depio.runtime.message`). On the wire: four ZeroMQ frames,
 
     [b"depio/<version>", meta, body, mac]
 
 `meta` binds the message to its connection and numbers it (`depio.runtime.session`: replays are
-refused), `body` is the message pickled as a plain tuple `(tag, field, ...)` (see `to_wire`) and `mac`
-a keyed BLAKE2b over the first three frames with the shared key (see `sign`). `decode` checks the version and the signature *before* unpickling, because unpickling is code
-execution: a peer without the key can make the dispatcher do nothing but count and drop.
-Task payloads (functions, arguments, return values) travel inside messages as opaque bytes
-(cloudpickle) that only workers and the owning pipeline unpickle.
+refused), `body` is the message pickled as a plain tuple `(tag, field, ...)` (see `to_wire`), `mac` a
+keyed BLAKE2b of the first three frames (see `sign`). `decode` checks version and signature *before*
+unpickling, which is code execution: a peer without the key can make the dispatcher only count and
+drop. Task payloads travel as opaque bytes (cloudpickle) only workers and their pipeline unpickle.
 """
 from __future__ import annotations
 
@@ -19,9 +18,8 @@ import os
 import pickle
 import platform
 import sys
-from dataclasses import dataclass, field, fields
-from operator import attrgetter
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import field, fields
+from typing import Dict, List, Optional, Tuple
 
 import cloudpickle
 import zmq
@@ -29,6 +27,7 @@ import zmq
 # the keys have a module of their own; callers reach them as `protocol.X` too
 from .keys import (KEY_ENV, MAKE_KEY_HINT, KeyRequiredError, check_key_file, is_loopback,  # noqa: F401
                    key_for_bind, key_from_hex, load_key, new_key)
+from .message import FIELDS_OF as _FIELDS_OF, Message, message
 from .session import NO_SESSION
 
 PROTOCOL_VERSION = 5      # 2: tuples (`to_wire`); 3: TaskLost.started; 4: followers; 5: sessions (replays)
@@ -49,8 +48,8 @@ def runtime_signature() -> Dict[str, str]:
 
 # ---------------------------------------------------------------- task payloads
 
-@dataclass(frozen=True, slots=True)
-class TaskSpec:
+@message
+class TaskSpec(Message):
     """One attempt of one task, as a worker needs it."""
     key: int                      # the task's index in its pipeline
     attempt: int                  # 1, 2, ...: a late result of an older attempt is ignored
@@ -64,8 +63,8 @@ class TaskSpec:
     shape: Optional[tuple] = None  # what it asks for (`resources.shape_of`); None: nothing special
 
 
-@dataclass(frozen=True, slots=True)
-class TaskResult:
+@message
+class TaskResult(Message):
     """How an attempt ended. `error` is None on success, else a dict with
     kind (the depio exception name), type, message, traceback and summary."""
     key: int
@@ -81,8 +80,9 @@ class TaskResult:
 
 # ---------------------------------------------------------------- worker <-> dispatcher
 
-@dataclass(frozen=True, slots=True)
-class Register:
+@message
+class Register(Message):
+    """A worker's hello: who it is, what each of its slots holds, and its runtime."""
     worker_id: str
     host: str
     pid: int
@@ -92,26 +92,29 @@ class Register:
     offer: Dict[str, object] = field(default_factory=dict)   # what each slot holds (`resources.Offer`)
 
 
-@dataclass(frozen=True, slots=True)
-class Welcome:
+@message
+class Welcome(Message):
+    """The dispatcher took the worker: the heartbeat it expects, and its size limit."""
     heartbeat_interval: float
     liveness: int
     max_message: int = 0          # the dispatcher's size limit on one message (bytes)
 
 
-@dataclass(frozen=True, slots=True)
-class Refused:
+@message
+class Refused(Message):
+    """The dispatcher will not take this peer, and why (another key, runtime or protocol)."""
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class RequestWork:
+@message
+class RequestWork(Message):
     """The worker can take `credits` more tasks (an absolute number, not an increment)."""
     credits: int
 
 
-@dataclass(frozen=True, slots=True)
-class RunTasks:
+@message
+class RunTasks(Message):
+    """Tasks for a worker, with the functions it has not seen yet."""
     tasks: Tuple[Tuple[int, TaskSpec], ...] = field(metadata={"wire": ("jobs", "TaskSpec")})   # (job id, spec)
     functions: Dict[bytes, bytes] = field(default_factory=dict)
     # (job id, job id of its predecessor): followers, held until that job succeeds on this worker
@@ -120,45 +123,50 @@ class RunTasks:
     places: Tuple[Tuple[int, int, str, Tuple[str, ...]], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerReport:
+@message
+class WorkerReport(Message):
+    """What a worker has to say: tasks started and done, credits, followers given back."""
     started: Tuple[Tuple[int, float], ...] = ()      # (job id, time)
     done: Tuple[Tuple[int, TaskResult], ...] = field(default=(), metadata={"wire": ("jobs", "TaskResult")})
     credits: int = 0                                 # more tasks it can take (as RequestWork)
     returned: Tuple[Tuple[int, str], ...] = ()       # (job id, why): followers given back, never started
 
 
-@dataclass(frozen=True, slots=True)
-class CancelJobs:
+@message
+class CancelJobs(Message):
+    """Stop these jobs on the worker, queued or running."""
     jids: Tuple[int, ...]
     reason: str = "cancelled"
 
 
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    pass
+@message
+class Heartbeat(Message):
+    """Still here (either way), when nothing else was sent for a heartbeat interval."""
 
 
-@dataclass(frozen=True, slots=True)
-class Shutdown:
+@message
+class Shutdown(Message):
+    """The dispatcher stops: the worker or pipeline goes."""
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Goodbye:
+@message
+class Goodbye(Message):
+    """The worker leaves, and why."""
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Reregister:
+@message
+class Reregister(Message):
     """The dispatcher does not know this worker (it restarted, or declared the worker lost)."""
     reason: str = ""
 
 
 # ---------------------------------------------------------------- client (pipeline) <-> dispatcher
 
-@dataclass(frozen=True, slots=True)
-class ClientHello:
+@message
+class ClientHello(Message):
+    """A pipeline's hello to a dispatcher: who it is, where its tasks run, its runtime."""
     name: str
     host: str = field(default_factory=platform.node)
     pid: int = field(default_factory=os.getpid)
@@ -167,36 +175,40 @@ class ClientHello:
     path: Tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class ClientWelcome:
+@message
+class ClientWelcome(Message):
+    """The dispatcher took the pipeline: its id, heartbeat and size limit."""
     client_id: int
     heartbeat_interval: float
     liveness: int
     max_message: int = 0          # the dispatcher's size limit on one message (bytes)
 
 
-@dataclass(frozen=True, slots=True)
-class Submit:
+@message
+class Submit(Message):
+    """A pipeline's tasks to run, with the functions the dispatcher has not seen yet."""
     tasks: Tuple[TaskSpec, ...] = field(metadata={"wire": ("items", "TaskSpec")})
     functions: Dict[bytes, bytes] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class CancelTasks:
+@message
+class CancelTasks(Message):
+    """A pipeline drops these tasks (queued and running)."""
     keys: Optional[Tuple[int, ...]] = None           # None: everything of this client
     reason: str = "cancelled"
 
 
-@dataclass(frozen=True, slots=True)
-class TaskLost:
+@message
+class TaskLost(Message):
+    """An attempt that ended with no result: its worker was lost, or it was cancelled."""
     key: int
     attempt: int
     reason: str
     started: bool = True     # False: the attempt was not seen to start (prefetched, or queued in Slurm)
 
 
-@dataclass(frozen=True, slots=True)
-class TaskReturned:
+@message
+class TaskReturned(Message):
     """A follower handed back unstarted: its predecessor failed, was cancelled or lost, or had ended
     before the follower reached the dispatcher. Not a fault of the task; its scheduler re-decides it."""
     key: int
@@ -204,41 +216,44 @@ class TaskReturned:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class ClientReport:
+@message
+class ClientReport(Message):
+    """What a pipeline hears of its tasks: started, done, lost, handed back."""
     started: Tuple[Tuple[int, int, float, str], ...] = ()   # (key, attempt, time, worker)
     done: Tuple[TaskResult, ...] = field(default=(), metadata={"wire": ("items", "TaskResult")})
     lost: Tuple[TaskLost, ...] = field(default=(), metadata={"wire": ("items", "TaskLost")})
     returned: Tuple[TaskReturned, ...] = field(default=(), metadata={"wire": ("items", "TaskReturned")})
 
 
-@dataclass(frozen=True, slots=True)
-class WorkersChanged:
+@message
+class WorkersChanged(Message):
     """The dispatcher's worker count changed; a pipeline without any worker left can fail fast."""
     workers: int
     slots: int
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class ClientBye:
+@message
+class ClientBye(Message):
+    """The pipeline leaves, and why."""
     reason: str = ""
 
 
 # ---------------------------------------------------------------- administration of a pool
 
-@dataclass(frozen=True, slots=True)
-class StatusRequest:
+@message
+class StatusRequest(Message):
     """Ask a dispatcher for its workers and clients (`depio pool status`); no hello needed."""
 
 
-@dataclass(frozen=True, slots=True)
-class StatusReply:
+@message
+class StatusReply(Message):
+    """The dispatcher's workers and clients (`depio pool status`)."""
     snapshot: Dict[str, object]
 
 
-@dataclass(frozen=True, slots=True)
-class StopRequest:
+@message
+class StopRequest(Message):
     """Ask a pool to stop (`depio pool stop`); only a key holder can, as for every message."""
     reason: str = ""
 
@@ -251,21 +266,9 @@ _MESSAGES = frozenset(t for t in MESSAGE_TYPES if t not in (TaskSpec, TaskResult
 
 
 # ---------------------------------------------------------------- wire form: tuples
-# Pickling a class reference costs more than all the rest of a small message (the pickler looks the
-# class up by module and name, both ways), and a task hop carries four of them. So a message travels
-# as `(tag, field, ...)`, its tag the class's place in MESSAGE_TYPES; the specs, results and losses
-# inside it as plain tuples of their fields (marked with field metadata "wire").
+# A class reference costs a pickle more than the rest of a small message, so a message travels as
+# `(tag, field, ...)` (tag: its place in MESSAGE_TYPES), nested specs and results as tuples ("wire").
 
-def _getter(names: Tuple[str, ...]) -> Callable[[object], tuple]:
-    if not names:
-        return lambda obj: ()
-    if len(names) == 1:
-        get1 = attrgetter(names[0])
-        return lambda obj: (get1(obj),)
-    return attrgetter(*names)
-
-
-_FIELDS_OF = {cls: _getter(tuple(f.name for f in fields(cls))) for cls in MESSAGE_TYPES}
 _TAG = {cls: i for i, cls in enumerate(MESSAGE_TYPES)}
 _NESTED: Dict[type, List[Tuple[int, str, type]]] = {
     cls: [(i, f.metadata["wire"][0], globals()[f.metadata["wire"][1]])
@@ -328,8 +331,7 @@ class ProtocolError(Exception):
 
 def sign(key: bytes, data: bytes) -> bytes:
     """The message authentication code: keyed BLAKE2b, a MAC by design (RFC 7693). Not HMAC-SHA256:
-    OpenSSL's HMAC costs 5 to 20 us a call where threads share the process, BLAKE2b (CPython's
-    own, no OpenSSL) under 2, and every message is signed once and checked once."""
+    OpenSSL's HMAC costs 5-20 us a call where threads share the process, BLAKE2b under 2."""
     if len(key) > 64:          # BLAKE2b takes keys up to 64 bytes
         key = hashlib.sha256(key).digest()
     return hashlib.blake2b(data, key=key, digest_size=MAC_SIZE).digest()
