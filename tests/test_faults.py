@@ -746,3 +746,21 @@ def test_sigterm_while_a_worker_starts_is_quiet():
         _, err = proc.communicate(timeout=15)
         assert "Traceback" not in err, (delay, err)
         assert proc.returncode in (0, -signal.SIGTERM), (delay, proc.returncode, err)
+
+
+@pytest.mark.timeout(120)
+def test_a_held_launcher_replaces_no_worker(workdir):
+    """`hold()` comes before the dispatcher tells the workers to leave: a worker that leaves (here:
+    is killed) after it is not taken for one that died, and nothing new is started."""
+    launcher = LocalLauncher(1, 1, max_restarts=5)
+    launcher.start("tcp://127.0.0.1:9", b"k" * 32)      # nobody listens: the worker waits to register
+    try:
+        pid = launcher.pids[0]
+        launcher.hold()
+        os.kill(pid, signal.SIGKILL)
+        watch = f"depio-watch-{pid}"      # the thread that waits on it, and would replace it
+        wait_for(lambda: not any(t.name == watch for t in threading.enumerate()), 20, "the watch thread's end")
+        assert launcher.pids == [pid] and launcher.restarts == 0
+    finally:
+        launcher.stop(grace=0.1)
+

@@ -27,11 +27,6 @@ QUICK_EXIT = 5.0                  # a worker that ended sooner than this after i
 class PoolWorkers(LocalLauncher):
     """`LocalLauncher` for a pool: see the module docstring."""
 
-    def hold(self) -> None:
-        """Start no replacement from now on (the pool is stopping)."""
-        with self._lock:
-            self._stopping = True
-
     def coming(self) -> int:
         """Worker processes that run (registered or on their way)."""
         with self._lock:

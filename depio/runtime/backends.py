@@ -271,6 +271,9 @@ class DispatcherBackend(Backend):
         if self.client is not None:
             self.client.close()
         told = None
+        hold = getattr(self.launcher, "hold", None)     # workers leaving on the Shutdown are not to replace
+        if hold is not None:
+            hold()
         if self.dispatcher is not None:
             told = {w.pid for w in self.dispatcher.workers}    # snapshot: these get the Shutdown
             self.dispatcher.stop("pipeline finished")

@@ -117,6 +117,12 @@ class LocalLauncher:
             self.on_all_gone(f"{who} ended ({how}) at {when}; no local worker is left and none is started "
                              f"again: {why}")
 
+    def hold(self) -> None:
+        """Start no replacement from now on: call it before the dispatcher tells the workers to leave,
+        or one that leaves at once is taken for one that died (and replaced, with a warning)."""
+        with self._lock:
+            self._stopping = True
+
     @property
     def pids(self) -> List[int]:
         with self._lock:
