@@ -281,3 +281,15 @@ def test_size_per_task_stays_small(workdir, tmp_path):
     conn = sqlite3.connect(tmp_path / ".depio" / "state.sqlite")
     assert conn.execute("SELECT COUNT(*) FROM made").fetchone()[0] == n
     conn.close()
+
+
+def test_history_written_by_an_older_depio_still_reads():
+    """Version 1 packed times as ms from the run's start; a store kept from then still shows them."""
+    import marshal
+    from depio.state.codec import decode_history
+    t0 = 1_700_000_000.0
+    blob = marshal.dumps((1, [1, 2], ["k", ""], ["a", "b"], [0, 1500], [1000, None], ["n1:1", "n1:1"], ["n1", "n1"],
+                          ["", "77"], [1, 2], ["FINISHED", "FAILED"], ["", "boom"]))
+    a, b = decode_history(blob, t0)
+    assert (a.name, a.status, a.start, a.end, a.key) == ("a", "FINISHED", t0, t0 + 1.0, "k")
+    assert (b.name, b.status, b.start, b.end, b.slurm, b.attempts, b.reason) == ("b", "FAILED", t0 + 1.5, None, "77", 2, "boom")

@@ -10,7 +10,7 @@ from typing import List, Sequence
 
 from .records import MadeRecord, RunTask
 
-HISTORY_VERSION = 1
+HISTORY_VERSION = 2     # 1: times as int ms from the run's start; 2: times as they are (floats)
 
 
 def _dumps(obj) -> str:
@@ -46,25 +46,28 @@ def _host_of(worker: str) -> str:
 
 def encode_history(tasks: Sequence, keys: Sequence[str], t0: float) -> bytes:
     """The history of ended tasks (depio Task objects: queue id, name, times, worker, Slurm id,
-    attempts, status, reason), one column each; `keys` are their store keys ("" when not made);
-    times in ms from `t0`, the run's start. Comprehensions only, and `_name_` (a plain attribute; `.name`
-    is a Python-level property): it runs while tasks run."""
+    attempts, status, reason), one column each; `keys` are their store keys ("" when not made).
+    Comprehensions over plain attributes only (`_name_`: `.name` is a Python-level property), and the
+    times as they are: it runs while tasks run, and at the end of a short run it is what the run
+    waits for. (`t0`, the run's start, is kept for the callers of version 1.)"""
     workers = [t.worker or "" for t in tasks]
     hosts = {w: _host_of(w) for w in set(workers)}
     return marshal.dumps((HISTORY_VERSION, [t._queue_id or 0 for t in tasks], list(keys), [t.name for t in tasks],
-                          [None if (s := t.start_time) is None else int((s - t0) * 1000 + 0.5) for t in tasks],
-                          [None if (e := t.end_time) is None else int((e - t0) * 1000 + 0.5) for t in tasks],
+                          [t.start_time for t in tasks], [t.end_time for t in tasks],
                           workers, [hosts[w] for w in workers], [t._slurmid or "" for t in tasks],
                           [t.attempts for t in tasks], [t._status._name_ for t in tasks], [t.reason or "" for t in tasks]))
 
 
 def decode_history(blob: bytes, t0: float) -> List[RunTask]:
+    """What `encode_history` packed (either version); `t0`: the run's start (version 1's times count from it)."""
     version, *cols = marshal.loads(blob)
-    if version != HISTORY_VERSION:
+    if version == 1:
+        cols[3] = [None if a is None else t0 + a / 1000 for a in cols[3]]
+        cols[4] = [None if e is None else t0 + e / 1000 for e in cols[4]]
+    elif version != HISTORY_VERSION:
         return []
-    return [RunTask(seq, key, name, status, None if a is None else t0 + a / 1000, None if e is None else t0 + e / 1000,
-                    worker, host, slurm, attempts, reason)
-            for seq, key, name, a, e, worker, host, slurm, attempts, status, reason in zip(*cols)]
+    return [RunTask(seq, key, name, status, started, ended, worker, host, slurm, attempts, reason)
+            for seq, key, name, started, ended, worker, host, slurm, attempts, status, reason in zip(*cols)]
 
 
 __all__ = ["encode_history", "decode_history"]
