@@ -37,8 +37,8 @@ class Recorder:
         self.state, self.tasks = state, tasks
         if script is None:
             script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-c") else ""
-        self.run_id = state.store.begin_run(script, log_dir=log_dir)
-        self.t0 = state.store.run(self.run_id)["start"]
+        self.script, self.log_dir = script, log_dir
+        self.run_id, self.t0 = "", 0.0           # set by `_begin`, in the recorder's thread
         self.todo = list(range(len(tasks)))
         self.skipped = self.pending = 0
         self.packed: List[bytes] = []          # history batches not written yet
@@ -48,7 +48,20 @@ class Recorder:
         self._thread = threading.Thread(target=self._loop, name="depio-state-recorder", daemon=True)
         self._thread.start()
 
+    def _begin(self) -> bool:
+        """Begin the run's record (and prune old runs) here, off the run's way to its first task."""
+        try:
+            self.run_id = self.state.store.begin_run(self.script, log_dir=self.log_dir)
+            self.t0 = self.state.store.run(self.run_id)["start"]
+            return True
+        except Exception as e:
+            self.failed = True
+            log.warning("cannot record this run in %s: %s", self.state.store.path, e)
+            return False
+
     def _loop(self) -> None:
+        if not self._begin():
+            return
         while not self._stop.wait(self.INTERVAL):
             self.poll()
         self.poll(final=True)
@@ -65,8 +78,8 @@ class Recorder:
     @classmethod
     def start(cls, state: Optional[TaskState], tasks: Sequence, log_dir: Optional[os.PathLike] = None
               ) -> Optional["Recorder"]:
-        """A recorder, or None when there is no store or the run cannot be begun (logged): a run goes
-        on without history rather than fail."""
+        """A recorder, or None when there is no store. A run that cannot be recorded (logged, here or in
+        the recorder's thread) goes on without history rather than fail."""
         if state is None:
             return None
         try:
