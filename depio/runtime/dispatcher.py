@@ -87,6 +87,7 @@ class Dispatcher(DrivenLoop):
         self.client_desk = ClientDesk(self.wire, self.assignment, self._send_workers, self.snapshot, heartbeat, liveness)
         self.no_workers = NoWorkerWatch()
         self._local_inbox: Deque[Tuple[bytes, object]] = deque()
+        self._told_to_reregister: Dict[bytes, None] = {}     # lost workers' identities (insertion order)
 
     @property
     def tasks_done(self) -> int:
@@ -261,10 +262,16 @@ class Dispatcher(DrivenLoop):
             if isinstance(msg, P.WorkerReport) and msg.done:
                 self.assignment.late_results += len(msg.done)
                 log.info("ignored %d late result(s) from unknown worker %s", len(msg.done), identity.hex()[:16])
-            if not isinstance(msg, P.Goodbye):
+            # its session stays until it says goodbye (bounded, as every session is): what it sent before
+            # it read our Reregister (a heartbeat queued while it was stopped, then results) is still its own
+            if isinstance(msg, P.Goodbye):
+                self.wire.sessions.forget(identity)
+            elif identity not in self._told_to_reregister:
+                if len(self._told_to_reregister) >= 10000:
+                    del self._told_to_reregister[next(iter(self._told_to_reregister))]
+                self._told_to_reregister[identity] = None
                 self.wire.send(self._wsock, identity, P.Reregister(
                     "this dispatcher does not know the worker (restarted, or it was declared lost)"))
-            self.wire.sessions.forget(identity)     # kept while lost, so that its late results are seen
             return
         w.peer.heard(time.monotonic())
         if isinstance(msg, P.WorkerReport):
