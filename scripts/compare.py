@@ -8,6 +8,10 @@ checkout of its own (a `git worktree` in a temporary folder, removed afterwards)
 workload: its main metric, the median of each series, B's change against A (positive = B slower),
 and the noise floor: the spread between A's odd and even rounds, measured the same way. A change
 within the noise floor is not a regression that this machine can see.
+
+Both checkouts are byte-compiled first (`compileall`), as `pip install` does: otherwise, where
+PYTHONDONTWRITEBYTECODE is set, every process compiles depio from source and the comparison
+measures the compiler. `--from-source` skips that, to see what such a machine pays.
 """
 from __future__ import annotations
 
@@ -53,6 +57,8 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("head", nargs="?", default="HEAD", help="the commit to judge [HEAD]")
     ap.add_argument("--rounds", type=int, default=7, help="runs of each commit, interleaved [7]")
     ap.add_argument("--only", default="", help="comma-separated workloads of scripts/bench.py [all]")
+    ap.add_argument("--from-source", action="store_true",
+                    help="do not byte-compile the checkouts (each process compiles what it imports)")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="depio-compare-")
     trees = {}
@@ -60,6 +66,8 @@ def main(argv: List[str] = None) -> int:
         for label, rev in (("A", args.base), ("B", args.head)):
             trees[label] = os.path.join(tmp, label)
             subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", trees[label], rev], check=True)
+            if not args.from_source:
+                subprocess.run([sys.executable, "-m", "compileall", "-q", trees[label]], check=True)
         series: Dict[str, Dict[str, List[float]]] = {"A": {}, "B": {}}
         metrics: Dict[str, Tuple[str, bool]] = {}
         for r in range(args.rounds):
