@@ -42,6 +42,27 @@ def test_board_counts_running_failures_and_ended_from_the_feed_only():
     assert feed.drain() == []
 
 
+def test_board_catches_up_on_more_changes_than_tasks_in_one_pass():
+    ts = _tasks(4)
+    feed = ChangeFeed()
+    st, board = TaskStates(ts, feed), Board(ts, feed)
+    st.move(2, S.PENDING)
+    st.move(2, S.RUNNING)
+    board.update()                      # 2 changes for 4 tasks: followed one by one
+    assert list(board.running) == [2]
+    for i in (1, 0, 3):
+        st.move(i, S.PENDING)
+    st.move(1, S.RUNNING)
+    st.move(0, S.RUNNING)
+    st.move(3, S.RUNNING)
+    st.move(3, S.FAILED, "boom")        # 6 changes for 4 tasks: one pass over every task
+    board.update()
+    assert list(board.running)[0] == 2 and set(board.running) == {0, 1, 2}   # the one running before stays first
+    assert [t.name for t in board.failed_tasks()] == ["t3"] and board.take_ended() == [3]
+    assert board.counts[S.RUNNING] == 3 and board.counts[S.FAILED] == 1 and board.counts[S.WAITING] == 0
+    assert board.ended_count() == 1 and board.left() == 3 and feed.drain() == []
+
+
 def test_board_without_a_feed_rescans():
     ts = _tasks(2)
     board = Board(ts)

@@ -22,8 +22,7 @@ log writer, so that those read only what changed instead of every task on each p
 from __future__ import annotations
 
 import time
-from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..TaskStatus import TaskStatus, TERMINAL_STATES, SUCCESSFUL_TERMINAL_STATES
 
@@ -46,17 +45,18 @@ class InconsistentState(AssertionError):
 
 class ChangeFeed:
     """Task indices whose state changed, appended by the scheduler's thread, drained by the main
-    thread (deque append and popleft are atomic: no lock on the hot path)."""
+    thread. No lock: under the GIL a list's append, slice copy and slice deletion are each atomic,
+    and appends only extend the end, so `drain` removes exactly the prefix it copied."""
 
     def __init__(self) -> None:
-        self._q: Deque[int] = deque()
+        self._q: List[int] = []
         self.append = self._q.append
 
     def drain(self) -> List[int]:
-        q, out = self._q, []
-        pop = q.popleft
-        for _ in range(len(q)):
-            out.append(pop())
+        q = self._q
+        n = len(q)
+        out = q[:n]
+        del q[:n]
         return out
 
 

@@ -41,8 +41,12 @@ class Board:
             if self.feed is None:
                 self._rescan()
                 return
+            changed = self.feed.drain()
+            if len(changed) > len(self.tasks):
+                self._catch_up()
+                return
             tasks, known, counts = self.tasks, self.known, self.counts
-            for i in self.feed.drain():
+            for i in changed:
                 new, old = tasks[i]._status, known[i]
                 if new is old:
                     continue          # a second change of the same task, or a Slurm state
@@ -57,6 +61,17 @@ class Board:
                     self.failed.append(i)
                 if new in TERMINAL_STATES:
                     self.ended.append(i)
+
+    def _catch_up(self) -> None:
+        """More changes than tasks (a run that ended between two passes, as a quiet short one does):
+        compare every task once, in comprehensions, instead of following each change."""
+        old, new = self.known, [t._status for t in self.tasks]
+        diff = [i for i, a, b in zip(range(len(new)), old, new) if a is not b]
+        self.known, self.counts = new, Counter(new)
+        self.running = {i: None for i in self.running if new[i] is RUNNING}
+        self.running.update((i, None) for i in diff if new[i] is RUNNING)
+        self.failed += [i for i in diff if new[i] is FAILED]
+        self.ended += [i for i in diff if new[i] in TERMINAL_STATES]
 
     def take_ended(self) -> List[int]:
         """Tasks that ended since the last call (only with a feed)."""
