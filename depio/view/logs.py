@@ -188,10 +188,13 @@ class LogWriter:
         self.written = bytearray(len(tasks))
 
     def _write(self, i: int) -> None:
-        t = self.tasks[i]
-        if not self.written[i] and (t.start_time is not None or t.get_stdout() or t.get_stderr()):
-            self.logs.write(t)
-        self.written[i] = 1
+        """Task i's logs, once. A task that printed nothing has no file: its paths stay None, as the
+        run set them at its start (plain attributes: this runs for every task at a run's end)."""
+        if not self.written[i]:
+            self.written[i] = 1
+            t = self.tasks[i]
+            if t._stdout or t._stderr:
+                self.logs.write(t)
 
     def poll(self, final: bool = False) -> None:
         if not self.todo:
