@@ -25,6 +25,7 @@ IF_OLDER, IF_OLD = BuildMode.IF_OLDER, BuildMode.IF_OLD
 # IF_MISSING keeps 0.1.x's meaning, NEVER never runs, IF_CHANGED looks at what the upstream task wrote)
 PROPAGATING = (IF_OLDER, IF_OLD, IF_CODE_CHANGED)
 NO_PRODUCTS = "declares no products"
+UP_TO_DATE = "up to date"
 
 
 class Decision(NamedTuple):
@@ -91,7 +92,7 @@ def build_reason(task, upstream_ran: Optional[bool] = None) -> Optional[str]:
 
 
 def skip_reason(task) -> str:
-    return "up to date" if task.products and task.buildmode is not BuildMode.NEVER else \
+    return UP_TO_DATE if task.products and task.buildmode is not BuildMode.NEVER else \
         f"build mode {task.buildmode.name}"
 
 
@@ -104,7 +105,13 @@ def decide(task, upstream_ran: bool, planning: bool = False) -> Decision:
     if reason is None:
         if planning and upstream_ran and task.buildmode is IF_CHANGED:
             return Decision(True, UPSTREAM_MAY_CHANGE)    # what it writes is not known before it runs
-        return Decision(False, skip_reason(task))
+        why = skip_reason(task)
+        return _SKIP_BECAUSE.get(why) or Decision(False, why)
     if planning and reason == UPSTREAM_RAN:
         reason = UPSTREAM_WOULD_RUN
-    return Decision(True, reason)
+    return _RUN_BECAUSE.get(reason) or Decision(True, reason)
+
+
+# the reasons shared by many tasks, decided once each (a run decides every task, one by one)
+_RUN_BECAUSE = {r: Decision(True, r) for r in (NO_PRODUCTS, UPSTREAM_RAN, UPSTREAM_WOULD_RUN, "build mode ALWAYS")}
+_SKIP_BECAUSE = {UP_TO_DATE: Decision(False, UP_TO_DATE)}
