@@ -326,6 +326,7 @@ class StateStore:
             counts = dict(self._read("SELECT status, COUNT(*) FROM run_tasks WHERE run = ? GROUP BY status", (num[0],)))
         with self._write() as db:
             db.execute("UPDATE runs SET end = ?, counts = ? WHERE num = ?", (time.time(), _dumps(dict(counts)), num[0]))
+        self._read("PRAGMA wal_checkpoint(PASSIVE)")    # the log into the database now, not in close()
 
     def prune_runs(self, keep: Optional[int] = None) -> int:
         keep = keep_runs() if keep is None else max(1, keep)
