@@ -68,13 +68,20 @@ but not memoised, so products are read once more by the first decision after the
 from .files import HashMemo, content_hash, hash_paths, norm_path
 from .hashing import CodeDesc, clear_code_cache, code_hash, is_user_file
 from .records import Decision, MadeRecord, RunTask, snapshot, task_key, why_changed
-from .report import write_report
 from .location import DEFAULT_STATE_PATH, STATE_ENV, state_path
 from .store import StateStore
 from .values import PYTHON, args_diff, args_hash, args_record
 from .writer import StateWriter
 from .recorder import Recorder
 from .tasks import TaskState, inputs_of, needs_state
+
+
+def __getattr__(name: str):
+    """`write_report` on first use: the HTML report is for `depio report`, not for every run's start."""
+    if name == "write_report":
+        from .report import write_report
+        return write_report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["HashMemo", "content_hash", "hash_paths", "norm_path", "CodeDesc", "clear_code_cache", "code_hash",
            "is_user_file", "Decision", "MadeRecord", "RunTask", "snapshot", "task_key", "why_changed",
