@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ import pytest
 from depio.state import (Decision, HashMemo, RunTask, StateStore, StateWriter, snapshot, state_path, task_key,
                          why_changed)
 from depio.state.hashing import clear_code_cache
+from depio.Task import Task
+from depio.TaskStatus import TaskStatus
 
 
 def old(path: Path, age: float = 3600) -> Path:
@@ -293,3 +296,25 @@ def test_history_written_by_an_older_depio_still_reads():
     a, b = decode_history(blob, t0)
     assert (a.name, a.status, a.start, a.end, a.key) == ("a", "FINISHED", t0, t0 + 1.0, "k")
     assert (b.name, b.status, b.start, b.end, b.slurm, b.attempts, b.reason) == ("b", "FAILED", t0 + 1.5, None, "77", 2, "boom")
+    blob2 = zlib.compress(marshal.dumps((2, [1, 2], ["k", ""], ["a", "b"], [t0, t0 + 1.5], [t0 + 1.0, None],
+                                         ["n1:1", "n1:1"], ["n1", "n1"], ["", "77"], [1, 2], ["FINISHED", "FAILED"],
+                                         ["", "boom"])))        # version 2: times as they are, compressed
+    assert decode_history(blob2, 0.0) == [a, b]
+
+
+def noop(i):
+    return i
+
+
+def test_history_keeps_every_text_as_it_was():
+    """Texts go joined by NUL when none holds one; a name or reason that does must come back whole."""
+    from depio.state.codec import decode_history, encode_history
+    ts = [Task(n, noop, [i]) for i, n in enumerate(["plain", "with\0nul", ""])]
+    for i, t in enumerate(ts):
+        t._queue_id, t.start_time, t.end_time, t.attempts = i + 1, 10.0 + i, None if i == 2 else 11.0 + i, i
+        t._status, t.worker, t.reason = TaskStatus.FAILED, ["n1:4242", "pilot-1@n2", ""][i], ["", "a\0b", "x"][i]
+    got = decode_history(encode_history(ts, ["", "ab" * 16, ""], 0.0), 0.0)
+    assert [(r.seq, r.name, r.key, r.start, r.end, r.worker, r.host, r.attempts, r.status, r.reason) for r in got] == [
+        (1, "plain", "", 10.0, 11.0, "n1:4242", "n1", 0, "FAILED", ""),
+        (2, "with\0nul", "ab" * 16, 11.0, 12.0, "pilot-1@n2", "n2", 1, "FAILED", "a\0b"),
+        (3, "", "", 12.0, None, "", "", 2, "FAILED", "x")]

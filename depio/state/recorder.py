@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from operator import attrgetter
 from typing import List, Optional, Sequence
 
 from ..TaskStatus import TaskStatus, TERMINAL_STATES
@@ -19,6 +20,7 @@ log = logging.getLogger("depio.state")
 
 FINISHED, SKIPPED = TaskStatus.FINISHED, TaskStatus.SKIPPED
 _TERMINAL = tuple(TERMINAL_STATES)     # a tuple: membership by identity; an Enum's hash is Python code
+_STATUS_NAME = attrgetter("_status._name_")     # in C (`.name` is a Python-level property)
 
 
 class Recorder:
@@ -40,7 +42,7 @@ class Recorder:
         self.script, self.log_dir = script, log_dir
         self.run_id, self.t0 = "", 0.0           # set by `_begin`, in the recorder's thread
         self.todo = list(range(len(tasks)))
-        self.skipped = self.pending = 0
+        self.pending = 0
         self.packed: List[bytes] = []          # history batches not written yet
         self.made: List[MadeRecord] = []
         self.last = time.monotonic()
@@ -67,9 +69,7 @@ class Recorder:
         self.poll(final=True)
         if self.failed:
             return
-        counts = Counter(t._status._name_ for t in self.tasks if t._status is not SKIPPED)   # `.name`: Python code
-        if self.skipped:
-            counts["SKIPPED"] = self.skipped
+        counts = Counter(map(_STATUS_NAME, self.tasks))
         try:
             self.state.store.end_run(self.run_id, dict(counts))
         except Exception as e:
@@ -110,7 +110,6 @@ class Recorder:
             gone = set(done)
             self.todo = [i for i in self.todo if i not in gone]
         ended = [tasks[i] for i in done if tasks[i]._status is not SKIPPED]
-        self.skipped += len(done) - len(ended)
         if ended:
             keys = [self._made(t) if t._status is FINISHED and (t.products or t.buildmode in STATE_MODES or t.track_code)
                     else "" for t in ended]
