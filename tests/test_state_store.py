@@ -313,7 +313,7 @@ def test_history_keeps_every_text_as_it_was():
     for i, t in enumerate(ts):
         t._queue_id, t.start_time, t.end_time, t.attempts = i + 1, 10.0 + i, None if i == 2 else 11.0 + i, i
         t._status, t.worker, t.reason = TaskStatus.FAILED, ["n1:4242", "pilot-1@n2", ""][i], ["", "a\0b", "x"][i]
-    got = decode_history(encode_history(ts, ["", "ab" * 16, ""], 0.0), 0.0)
+    got = decode_history(encode_history(ts, ["", "ab" * 16, ""]), 0.0)
     assert [(r.seq, r.name, r.key, r.start, r.end, r.worker, r.host, r.attempts, r.status, r.reason) for r in got] == [
         (1, "plain", "", 10.0, 11.0, "n1:4242", "n1", 0, "FAILED", ""),
         (2, "with\0nul", "ab" * 16, 11.0, 12.0, "pilot-1@n2", "n2", 1, "FAILED", "a\0b"),

@@ -58,12 +58,12 @@ def _untexts(col) -> List[str]:
     return col.split(_SEP) if isinstance(col, str) else col
 
 
-def encode_history(tasks: Sequence, keys: Sequence[str], t0: float) -> bytes:
+def encode_history(tasks: Sequence, keys: Sequence[str]) -> bytes:
     """The history of ended tasks (depio Task objects: queue id, name, times, worker, Slurm id,
     attempts, status, reason), one column each; `keys` are their store keys ("" when not made).
     Comprehensions over plain attributes only (`_name_`: `.name` is a Python-level property), the
     times as they are, the texts joined: it runs while tasks run, and at the end of a short run it
-    is what the run waits for. (`t0`, the run's start, is kept for the callers of version 1.)"""
+    is what the run waits for."""
     packed = marshal.dumps((HISTORY_VERSION, [t._queue_id or 0 for t in tasks], _texts(list(keys)),
                             _texts([t.name for t in tasks]), [t.start_time for t in tasks],
                             [t.end_time for t in tasks], _texts([t.worker or "" for t in tasks]),

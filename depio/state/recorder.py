@@ -40,7 +40,7 @@ class Recorder:
         if script is None:
             script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-c") else ""
         self.script, self.log_dir = script, log_dir
-        self.run_id, self.t0 = "", 0.0           # set by `_begin`, in the recorder's thread
+        self.run_id = ""                        # set by `_begin`, in the recorder's thread
         self.todo = list(range(len(tasks)))
         self.pending = 0
         self.packed: List[bytes] = []          # history batches not written yet
@@ -54,7 +54,6 @@ class Recorder:
         """Begin the run's record (and prune old runs) here, off the run's way to its first task."""
         try:
             self.run_id = self.state.store.begin_run(self.script, log_dir=self.log_dir)
-            self.t0 = self.state.store.run(self.run_id)["start"]
             return True
         except Exception as e:
             self.failed = True
@@ -113,7 +112,7 @@ class Recorder:
         if ended:
             keys = [self._made(t) if t._status is FINISHED and (t.products or t.buildmode in STATE_MODES or t.track_code)
                     else "" for t in ended]
-            self.packed.append(encode_history(ended, keys, self.t0))
+            self.packed.append(encode_history(ended, keys))
             self.pending += len(ended)
         if final or self.pending >= self.BATCH or (self.packed or self.made) and \
                 time.monotonic() - self.last >= self.INTERVAL:
