@@ -294,6 +294,42 @@ def w_uptodate100k(n: int = 100_000, rounds: int = 2) -> Dict[str, Any]:
             "tasks_per_s": n / m}
 
 
+def w_record10k(pairs: int = 15) -> Dict[str, Any]:
+    """Issue 17: what recording a run in the state store costs `noop10k`. Runs of noop10k with the store
+    on and off, in adjacent pairs (the order alternating), each in a fresh process, in one folder whose
+    store exists (as in a project after its first run); the cost is the median of the pairs' ratios,
+    since the noise of a shared machine hits both runs of a pair alike; per phase, the median difference."""
+    work = tempfile.mkdtemp(prefix="depio-bench-record-")
+    on_env = {k: v for k, v in os.environ.items() if k != "DEPIO_STATE"}
+    off_env = dict(on_env, DEPIO_STATE="off")
+    try:
+        _noop_in(work, on_env)                   # the store is made here, not in a measured run
+        runs: Dict[str, List[Dict[str, Any]]] = {"on": [], "off": []}
+        for k in range(pairs):
+            order = [("on", on_env), ("off", off_env)]
+            for label, env in (order if k % 2 == 0 else order[::-1]):
+                runs[label].append(_noop_in(work, env))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    pairs_ = list(zip(runs["on"], runs["off"]))
+    ratios = [on["seconds"] / off["seconds"] for on, off in pairs_]
+    out = {"n": 10_000, "pairs": pairs, "state_cost": statistics.median(ratios) - 1,
+           "state_cost_all": sorted(round(r - 1, 4) for r in ratios)}
+    for key in ("seconds", "cpu_scheduler_s", "cpu_workers_s"):       # the runs with the store on; then off
+        out[key] = statistics.median(r[key] for r in runs["on"])
+        out[f"{key}_off"] = statistics.median(r[key] for r in runs["off"])
+    for phase in ("startup_s", "steady_s", "teardown_s", "cpu_scheduler_s"):
+        out[f"{phase[:-2]}_on_minus_off_ms"] = statistics.median(on[phase] - off[phase] for on, off in pairs_) * 1000
+    return out
+
+
+def _noop_in(work: str, env: Dict[str, str]) -> Dict[str, Any]:
+    r = run_child("noop10k", 120, env, work=work)
+    if "error" in r or r.get("failed_tasks"):
+        raise RuntimeError(f"noop10k failed: {r.get('error') or r.get('first_failure')}")
+    return r
+
+
 def w_memory100k(n: int = 100_000) -> Dict[str, Any]:
     rss0 = _rss_now_mb()
     t0 = time.perf_counter()
@@ -387,6 +423,7 @@ WORKLOADS: Dict[str, Callable[[], Dict[str, Any]]] = {
     "build100k": w_build100k,
     "uptodate10k": w_uptodate10k,
     "uptodate100k": w_uptodate100k,
+    "record10k": w_record10k,
     "memory100k": w_memory100k,
 }
 
@@ -400,6 +437,7 @@ TARGETS = {
     "build100k": ("seconds", "<=", 1.5, None),
     "uptodate10k": ("seconds", "<=", 0.5, None),
     "uptodate100k": ("changed_vs_missing", "<=", 1.5, None),      # issue 17: IF_CHANGED at most 1.5x IF_MISSING
+    "record10k": ("state_cost", "<=", 0.05, None),                # issue 17: recording costs noop10k under 5%
     "memory100k": ("rss_peak_mb", "<=", 250, None),
 }
 
@@ -468,8 +506,10 @@ def child(name: str) -> None:
 
 # ---------------------------------------------------------------- parent
 
-def run_child(name: str, timeout: float, env: Dict[str, str]) -> Dict[str, Any]:
-    work = tempfile.mkdtemp(prefix=f"depio-bench-{name}-")
+def run_child(name: str, timeout: float, env: Dict[str, str], work: Optional[str] = None) -> Dict[str, Any]:
+    """One run of a workload in a fresh process, in `work` (kept) or a fresh folder (removed)."""
+    keep = work is not None
+    work = work or tempfile.mkdtemp(prefix=f"depio-bench-{name}-")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name]
     try:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -485,7 +525,8 @@ def run_child(name: str, timeout: float, env: Dict[str, str]) -> Dict[str, Any]:
                 return json.loads(line[len("BENCH-RESULT "):])
         return {"error": f"exit code {proc.returncode}, no result", "stderr": err[-2000:]}
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def median_result(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
