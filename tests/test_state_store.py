@@ -318,3 +318,30 @@ def test_history_keeps_every_text_as_it_was():
         (1, "plain", "", 10.0, 11.0, "n1:4242", "n1", 0, "FAILED", ""),
         (2, "with\0nul", "ab" * 16, 11.0, 12.0, "pilot-1@n2", "n2", 1, "FAILED", "a\0b"),
         (3, "", "", 12.0, None, "", "", 2, "FAILED", "x")]
+
+
+def test_history_of_tasks_that_share_their_texts():
+    """A column whose texts are all one text (a run's name, status, reason) is packed once; it must
+    come back once per task, a NUL in it or not, and a one-task batch too."""
+    from depio.state.codec import decode_history, encode_history
+    for n, name in ((3, "same\0name"), (1, "alone")):
+        ts = [Task(name, noop, [i]) for i in range(n)]
+        for i, t in enumerate(ts):
+            t._queue_id, t.start_time, t.end_time, t.attempts = i + 1, 10.0 + i, 11.0 + i, 1
+            t._status, t.worker, t.reason = TaskStatus.FINISHED, "n1:4242", "declares no products"
+        got = decode_history(encode_history(ts, [""] * n), 0.0)
+        assert [(r.seq, r.name, r.key, r.start, r.worker, r.host, r.slurm, r.attempts, r.status, r.reason)
+                for r in got] == [(i + 1, name, "", 10.0 + i, "n1:4242", "n1", "", 1, "FINISHED", "declares no products")
+                                  for i in range(n)]
+
+
+def test_history_of_version_3_still_reads():
+    """Version 3 (texts joined, no host column) as an older depio wrote it."""
+    import marshal
+    from depio.state.codec import decode_history
+    blob = zlib.compress(marshal.dumps((3, [1, 2], "\0k", "a\0b", [5.0, 6.0], [7.0, None], "n1:1\0p-1@n2", "\0" + "77",
+                                        [1, 2], "FINISHED\0FAILED", ["", "boom"])))
+    got = decode_history(blob, 0.0)
+    assert [(r.seq, r.key, r.name, r.start, r.end, r.worker, r.host, r.slurm, r.status, r.reason) for r in got] == [
+        (1, "", "a", 5.0, 7.0, "n1:1", "n1", "", "FINISHED", ""),
+        (2, "k", "b", 6.0, None, "p-1@n2", "n2", "77", "FAILED", "boom")]

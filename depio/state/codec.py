@@ -11,8 +11,9 @@ from typing import List, Sequence
 
 from .records import MadeRecord, RunTask
 
-HISTORY_VERSION = 3     # 1: times as int ms from the run's start; 2: times as they are (floats), compressed;
-                        # 3: each column of texts joined into one text where it can be, and no host column
+HISTORY_VERSION = 4     # 1: times as int ms from the run's start; 2: times as they are (floats), compressed;
+                        # 3: each column of texts joined into one text where it can be, and no host column;
+                        # 4: a column of texts that are all one text as that text alone, in a 1-tuple
 _SEP = "\0"
 
 
@@ -48,13 +49,21 @@ def _host_of(worker: str) -> str:
 
 
 def _texts(col: List[str]):
-    """A column of texts as one text, when none holds the separator (joined and split in C: a list
-    of texts costs marshal a header and a lookup each); the list as it is otherwise."""
+    """A column of texts as a 1-tuple when they are all one text (a run's status, reason or task name
+    mostly is: `list.count` finds out in C, by identity first); else as one text, when none holds the
+    separator (joined and split in C: a list of texts costs marshal a header and a lookup each); else
+    the list as it is."""
+    n = len(col)
+    if n and col.count(col[0]) == n:
+        return (col[0],)
     joined = _SEP.join(col)
-    return joined if joined.count(_SEP) == len(col) - 1 else col
+    return joined if joined.count(_SEP) == n - 1 else col
 
 
-def _untexts(col) -> List[str]:
+def _untexts(col, n: int) -> List[str]:
+    """What `_texts` made of a column of `n` texts."""
+    if isinstance(col, tuple):
+        return list(col) * n
     return col.split(_SEP) if isinstance(col, str) else col
 
 
@@ -68,22 +77,24 @@ def encode_history(tasks: Sequence, keys: Sequence[str]) -> bytes:
                             _texts([t.name for t in tasks]), [t.start_time for t in tasks],
                             [t.end_time for t in tasks], _texts([t.worker or "" for t in tasks]),
                             _texts([t._slurmid or "" for t in tasks]), [t.attempts for t in tasks],
-                            _texts([t._status._name_ for t in tasks]), _texts([t.reason or "" for t in tasks])))
+                            _texts([t._status._name_ for t in tasks]), _texts([t.reason or "" for t in tasks])),
+                           2)    # marshal version 2: no back-references, which cost a table lookup per float
     # level 1: a tenth of the size for 2 ms per 10,000 tasks, less than the writing and checkpointing it saves
     return zlib.compress(packed, 1)
 
 
 def decode_history(blob: bytes, t0: float) -> List[RunTask]:
     """What `encode_history` packed (any version); `t0`: the run's start (version 1's times count from it)."""
-    if blob[:1] == b"\x78":      # zlib's header (versions 2, 3); a marshalled tuple (version 1) starts otherwise
+    if blob[:1] == b"\x78":      # zlib's header (versions 2 to 4); a marshalled tuple (version 1) starts otherwise
         blob = zlib.decompress(blob)
     version, *cols = marshal.loads(blob)
-    if version == 3:
+    if version in (3, 4):
         seq, keys, names, starts, ends, workers, slurm, attempts, status, reasons = cols
-        workers = _untexts(workers)
+        n = len(seq)
+        workers = _untexts(workers, n)
         hosts = {w: _host_of(w) for w in set(workers)}
-        cols = [seq, _untexts(keys), _untexts(names), starts, ends, workers, [hosts[w] for w in workers],
-                _untexts(slurm), attempts, _untexts(status), _untexts(reasons)]
+        cols = [seq, _untexts(keys, n), _untexts(names, n), starts, ends, workers, [hosts[w] for w in workers],
+                _untexts(slurm, n), attempts, _untexts(status, n), _untexts(reasons, n)]
     elif version == 1:
         cols[3] = [None if a is None else t0 + a / 1000 for a in cols[3]]
         cols[4] = [None if e is None else t0 + e / 1000 for e in cols[4]]
