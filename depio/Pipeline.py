@@ -1,11 +1,12 @@
 """The pipeline: registers tasks, validates the DAG, runs it, and reports (API of depio 0.1.x)."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 from .BuildMode import BuildMode
 from .Executors import AbstractTaskExecutor, ParallelExecutor
@@ -174,6 +175,11 @@ class Pipeline:
             self._attached = [t for t in self.tasks if t.buildmode in STATE_MODES or t.track_code]
             for t in self._attached:
                 t._state = state
+
+    def _may_make(self) -> Iterator[Task]:
+        """The tasks a run may record as made: those with products, and those whose build mode reads
+        the store (`_attach`); known without looking at every task (the recorder's thread takes them)."""
+        return itertools.chain(self._producers.values(), self._attached)
 
     def _run(self, g: Graph, executor: AbstractTaskExecutor, state: Optional[TaskState]) -> int:
         for t in self.tasks:       # before the scheduler exists; from its start on, it alone writes these

@@ -55,7 +55,7 @@ class PipelineRun:
         logs.open()
         display.log_folder = logs.folder
         writer = LogWriter(logs, tasks, display.board)
-        recorder = Recorder.start(self.state, tasks, logs.folder)
+        recorder = Recorder.start(self.state, tasks, logs.folder, may_make=p._may_make())
         done = threading.Event()
         ex = self.executor
         limits = Limits(ex.max_jobs_queued, ex.max_jobs_pending, ex.retries_on_worker_loss)
