@@ -164,15 +164,17 @@ class Pipeline:
 
     _attached: Sequence[Task] = ()
 
-    def _attach(self, state: Optional[TaskState]) -> None:
+    def _attach(self, state: Optional[TaskState], readers: Optional[List[Task]] = None) -> None:
         """Give the tasks whose build mode reads the store its view (None: take it back from them,
-        without looking at every task again while the run ends)."""
+        without looking at every task again while the run ends); `readers`: those tasks, when the
+        caller found them already."""
         if state is None:
             for t in self._attached:
                 t._state = None
             self._attached = ()
         else:
-            self._attached = [t for t in self.tasks if t.buildmode in STATE_MODES or t.track_code]
+            self._attached = readers if readers is not None else \
+                [t for t in self.tasks if t.buildmode in STATE_MODES or t.track_code]
             for t in self._attached:
                 t._state = state
 
@@ -182,12 +184,16 @@ class Pipeline:
         return itertools.chain(self._producers.values(), self._attached)
 
     def _run(self, g: Graph, executor: AbstractTaskExecutor, state: Optional[TaskState]) -> int:
+        readers: List[Task] = []
+        looks = state is not None     # for the tasks that read the store, in this pass over every task
         for t in self.tasks:       # before the scheduler exists; from its start on, it alone writes these
             t._status, t.reason, t.error, t.start_time, t.end_time, t.attempts = \
                 TaskStatus.WAITING, "", None, None, None, 0
             t.stdout_path = t.stderr_path = None
+            if looks and (t.track_code or t.buildmode in STATE_MODES):
+                readers.append(t)
         if state is not None:
-            self._attach(state)
+            self._attach(state, readers)
         return PipelineRun(self, g, executor, state).run()
 
     def explain(self) -> List[Tuple[Task, Optional[str]]]:
