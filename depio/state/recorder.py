@@ -18,7 +18,6 @@ from .tasks import STATE_MODES, TaskState
 log = logging.getLogger("depio.state")
 
 FINISHED, SKIPPED = TaskStatus.FINISHED, TaskStatus.SKIPPED
-_TERMINAL = tuple(TERMINAL_STATES)     # a tuple: membership by identity; an Enum's hash is Python code
 _STATUS_NAME = attrgetter("_status._name_")     # in C (`.name` is a Python-level property)
 
 
@@ -112,7 +111,7 @@ class Recorder:
     failed = False
 
     def _poll(self, final: bool) -> None:
-        tasks, terminal = self.tasks, _TERMINAL
+        tasks, terminal = self.tasks, TERMINAL_STATES
         done = [i for i in self.todo if tasks[i]._status in terminal]
         if len(done) == len(self.todo):
             self.todo = []
