@@ -294,11 +294,12 @@ def w_uptodate100k(n: int = 100_000, rounds: int = 2) -> Dict[str, Any]:
             "tasks_per_s": n / m}
 
 
-def w_record10k(pairs: int = 15) -> Dict[str, Any]:
+def w_record10k(pairs: int = 20) -> Dict[str, Any]:
     """Issue 17: what recording a run in the state store costs `noop10k`. Runs of noop10k with the store
     on and off, in adjacent pairs (the order alternating), each in a fresh process, in one folder whose
     store exists (as in a project after its first run); the cost is the median of the pairs' ratios,
-    since the noise of a shared machine hits both runs of a pair alike; per phase, the median difference."""
+    since the noise of a shared machine hits both runs of a pair alike (with `--repeat`, of every run's
+    pairs together); per phase, the median difference."""
     work = tempfile.mkdtemp(prefix="depio-bench-record-")
     on_env = {k: v for k, v in os.environ.items() if k != "DEPIO_STATE"}
     off_env = dict(on_env, DEPIO_STATE="off")
@@ -540,6 +541,11 @@ def median_result(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
             out[k] = statistics.median(vals)
         else:
             out[k] = vals[0]
+    for k in ok[0]:           # a metric given with its samples (`state_cost` and `state_cost_all`): the
+        base = k[:-4]         # median of every run's samples together, not the median of the runs' medians
+        if k.endswith("_all") and base in out and all(isinstance(r.get(k), list) for r in ok):
+            pooled = sorted(v for r in ok for v in r[k])
+            out[k], out[base] = pooled, statistics.median(pooled)
     if len(ok) > 1:
         out["runs"] = len(ok)
         out["seconds_all"] = [round(r["seconds"], 4) for r in ok]
