@@ -19,7 +19,7 @@ from .exceptions import (DependencyNotAvailableException, ProductAlreadyRegister
                          TaskNotInQueueException, CyclicDependencyException, TaskNotPicklableException)
 from .runtime.graph import Graph, path_key, pickle_payloads, resolve, topological_order, working_dir
 from .runtime.run import PipelineRun, frozen_heap
-from .state.tasks import STATE_MODES, TaskState
+from .state.tasks import STATE_MODES, TaskState, needs_state
 
 log = logging.getLogger("depio.pipeline")
 
@@ -174,7 +174,7 @@ class Pipeline:
             self._attached = ()
         else:
             self._attached = readers if readers is not None else \
-                [t for t in self.tasks if t.buildmode in STATE_MODES or t.track_code]
+                [t for t in self.tasks if needs_state(t)]
             for t in self._attached:
                 t._state = state
 
@@ -190,7 +190,7 @@ class Pipeline:
             t._status, t.reason, t.error, t.start_time, t.end_time, t.attempts = \
                 TaskStatus.WAITING, "", None, None, None, 0
             t.stdout_path = t.stderr_path = None
-            if looks and (t.track_code or t.buildmode in STATE_MODES):
+            if looks and (t.track_code or t.buildmode in STATE_MODES):      # `needs_state`, inline
                 readers.append(t)
         if state is not None:
             self._attach(state, readers)
@@ -202,7 +202,7 @@ class Pipeline:
         g = self.validate()
         would = [False] * len(g)
         decisions: List[Optional[str]] = [None] * len(g)
-        state = TaskState.open() if any(t.buildmode in STATE_MODES or t.track_code for t in g.tasks) else None
+        state = TaskState.open() if any(needs_state(t) for t in g.tasks) else None
         self._attach(state)
         try:
             for i in topological_order(g):     # upstream decisions are known first

@@ -13,7 +13,7 @@ from typing import Iterable, List, Optional, Sequence, Set
 from ..TaskStatus import TaskStatus, TERMINAL_STATES
 from .codec import encode_history
 from .records import MadeRecord
-from .tasks import STATE_MODES, TaskState
+from .tasks import TaskState, needs_state
 
 log = logging.getLogger("depio.state")
 
@@ -56,8 +56,7 @@ class Recorder:
             # known before anything runs: then the last pass, which the run waits for, looks no
             # further into a task that made nothing (10,000 tasks' attributes cost milliseconds)
             if self.may_make is None:
-                self.makers = {i for i, t in enumerate(self.tasks)
-                               if t.products or t.track_code or t.buildmode in STATE_MODES}
+                self.makers = {i for i, t in enumerate(self.tasks) if t.products or needs_state(t)}
             else:
                 self.makers = {t._queue_id - 1 for t in self.may_make}
             self.may_make = None

@@ -19,7 +19,6 @@ from pathlib import Path, PosixPath, PurePosixPath
 from typing import Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..BuildMode import BuildMode
-from ..TaskStatus import TaskStatus
 from .files import HashMemo, _file_hash, content_hash, norm_path
 from .hashing import code_hash
 from .records import Decision, MadeRecord, snapshot
@@ -28,7 +27,6 @@ from .values import RACY_WINDOW, call_digest, call_text
 
 log = logging.getLogger("depio.state")
 
-FINISHED, SKIPPED = TaskStatus.FINISHED, TaskStatus.SKIPPED
 _PLAIN_PATHS = frozenset({PosixPath, PurePosixPath})
 STATE_MODES = (BuildMode.IF_CHANGED, BuildMode.IF_CODE_CHANGED)    # modes that read the store to decide
 
